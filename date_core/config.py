@@ -1,0 +1,87 @@
+"""Pipeline configuration: nested YAML dicts, deep-merged, with ``--set a.b=c`` overrides.
+
+A run's config is ``defaults <- --config FILE.yaml <- --set`` overrides, in that order.
+Configs stay plain dicts (easy to log to MLflow as flat params, easy for Tune to
+sweep); :func:`flatten` gives the ``a.b.c`` view.
+"""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``update`` merged in recursively (``update`` wins)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (``3``, ``1e-4``, ``true``, ``[1, 2]``)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``--set`` style overrides to a config; unknown top-level sections are an error."""
+    out = copy.deepcopy(dict(cfg))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                if node is out:
+                    raise KeyError(f"override {text!r}: unknown config section {part!r}")
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML mapping from ``path`` (a clear error when it is not a mapping)."""
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def default_config() -> dict[str, Any]:
+    """The packaged defaults (``date_core/configs/default.yaml``)."""
+    text = resources.files("date_core").joinpath("configs/default.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def resolve_config(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """defaults <- ``config_file`` <- ``overrides``."""
+    cfg = default_config()
+    if config_file:
+        cfg = deep_merge(cfg, load_yaml(config_file))
+    return apply_overrides(cfg, overrides)
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,141 @@
+"""Shared fixtures: real servers on loopback, started once per session and stopped after.
+
+- ``s3_endpoint``: moto's S3 server (server mode, a real HTTP endpoint); the standard AWS
+  environment variables point every client (s3fs, pyarrow, boto3, Ray workers) at it.
+- ``mlflow_server``: a real ``mlflow server`` subprocess with a SQLite backend.
+- ``ray_local``: a 2-CPU local Ray, for one test module at a time (``ray_module`` fixture).
+- ``groceries_dir``: the shared Freiburg groceries VOC data, or a clean skip.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GROCERIES = ROOT.parent / "shared" / "data" / "freiburg_groceries_voc"
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on loopback (moto server mode) with bucket ``date-test``.
+
+    Yields the endpoint URL; ``AWS_ENDPOINT_URL`` and test keys are set in the environment for
+    the session (and so inherited by Ray started afterwards).
+    """
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="date-test")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on loopback with a SQLite backend; yields its tracking URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{uri}/health", timeout=120, proc=proc)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """A local 2-CPU Ray for one test module (shut down after it)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 1024 * 1024,
+        log_to_driver=False,
+        runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                  if k.startswith("AWS_") or k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def groceries_dir() -> Path:
+    """The shared Freiburg groceries data (real photos, VOC boxes), or a skip with the reason."""
+    if not (GROCERIES / "annotations").is_dir():
+        pytest.skip(f"shared grocery data not found at {GROCERIES}")
+    return GROCERIES
