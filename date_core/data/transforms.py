@@ -1,0 +1,194 @@
+"""The batch transform that joins data to model: contract rows -> the keys of :mod:`date_core.batch`.
+
+:class:`BatchTransform` is a picklable callable. It works in plain Python on
+``io.to_numpy_batch(table)`` and as a Ray Data UDF::
+
+    ds.map_batches(BatchTransform, fn_constructor_args=(tok_path, 224, 32),
+                   batch_format="numpy", concurrency=4)
+
+It is the data path's hot loop, so JPEGs are decoded with PIL's draft mode (the decoder
+scales by 1/2, 1/4 or 1/8 in the DCT, never below the letterbox size) and resized with the
+exact source region draft reports, so the canvas matches :func:`date_core.imaging.letterbox_image`
+geometry while boxes map through :class:`~date_core.imaging.Letterbox` built from the
+*original* width and height.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from .. import batch as B
+from ..imaging import PAD_VALUE, Letterbox, xyxy_pixels_to_letterbox_cxcywh
+from ..text import load_tokenizer, tokenize
+from . import storage
+
+
+def _box_or_none(value: Any) -> np.ndarray | None:
+    """One stored box (list / array / None) -> float64 [4] or None."""
+    if value is None:
+        return None
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size != 4 or np.isnan(arr).all():
+        return None
+    return arr
+
+
+def _boxes(value: Any) -> np.ndarray:
+    """Stored alternative boxes (list of boxes / 2-D array / None) -> float64 [M, 4]."""
+    if value is None:
+        return np.zeros((0, 4))
+    rows = [b for b in (_box_or_none(v) for v in value) if b is not None]
+    return np.stack(rows) if rows else np.zeros((0, 4))
+
+
+def decode_letterbox(data: bytes, size: int, canvas: np.ndarray, flip: bool = False,
+                     draft: bool = True) -> Letterbox:
+    """Decode ``data`` into the uint8 ``[size, size, 3]`` ``canvas`` (already filled with the pad
+    value) keeping the aspect ratio; ``flip`` mirrors the image horizontally. Returns the
+    geometry of the *original* frame (what box mapping needs)."""
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    lb = Letterbox(float(width), float(height), int(size))
+    new_w, new_h = max(1, round(width * lb.scale)), max(1, round(height * lb.scale))
+    region = None
+    if draft and img.format == "JPEG":
+        # draft() returns (mode, region of the original in the scaled image's coordinates).
+        res = img.draft("RGB", (new_w, new_h))
+        if res is not None:
+            region = res[1]
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    resized = img.resize((new_w, new_h), Image.BILINEAR, box=region)
+    if flip:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    ox, oy = (size - new_w) // 2, (size - new_h) // 2
+    canvas[oy:oy + new_h, ox:ox + new_w] = np.asarray(resized, dtype=np.uint8)
+    return lb
+
+
+def _normalise_lut() -> np.ndarray:
+    """float32 [3, 256]: channel c of uint8 value v -> (v / 255 - mean_c) / std_c, computed with
+    the same float32 operations as :func:`date_core.imaging.to_pixel_values` (bit-identical)."""
+    v = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
+    mean = np.asarray(B.IMAGE_MEAN, dtype=np.float32)
+    std = np.asarray(B.IMAGE_STD, dtype=np.float32)
+    return np.ascontiguousarray(((v - mean) / std).T)
+
+
+_LUT = _normalise_lut()
+
+
+def pixel_values_from_canvases(canvases: np.ndarray) -> np.ndarray:
+    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S], equal to ``imaging.to_pixel_values`` but one
+    table lookup per value instead of four array passes (about 2x faster on a batch)."""
+    n, h, w, _ = canvases.shape
+    out = np.empty((n, 3, h, w), dtype=np.float32)
+    for c in range(3):
+        np.take(_LUT[c], canvases[..., c], out=out[:, c])
+    return out
+
+
+class BatchTransform:
+    """Contract rows (dict of numpy arrays) -> model batch (dict of numpy arrays, see
+    :mod:`date_core.batch`): ``pixel_values`` float32 [B, 3, S, S], ``input_ids`` /
+    ``attention_mask`` int64 [B, L], ``boxes`` float32 [B, 4] (cx, cy, w, h of the letterboxed
+    square, zeros when null), ``has_box`` / ``box_weight`` float32 [B], ``alt_boxes`` float32
+    [B, M, 4] and ``alt_mask`` float32 [B, M] (M = ``MAX_ALT_BOXES``), ``item_key`` /
+    ``image_key`` / ``pair_key`` int64 [B], ``orig_size`` float32 [B, 2] (width, height).
+
+    Args:
+        tokenizer_path_or_obj: a tokenizer, or a folder saved with ``save_pretrained`` (local
+            or ``s3://``, loaded lazily on first call so that the object pickles small).
+        image_size: S, the side of the square model input.
+        max_text_len: L.
+        train: apply training augmentation: horizontal flip (boxes mirrored with it) with
+            probability ``hflip_prob`` and brightness/contrast jitter of ``jitter``.
+        seed: seed of the augmentation's random generator (None: fresh entropy per instance).
+        draft: use JPEG draft decoding (off only to measure what it buys).
+    """
+
+    def __init__(self, tokenizer_path_or_obj: Any, image_size: int, max_text_len: int, train: bool = False,
+                 *, hflip_prob: float = 0.5, jitter: float = 0.2, seed: int | None = None, draft: bool = True):
+        if isinstance(tokenizer_path_or_obj, (str, os.PathLike)):
+            self._tok_path, self._tok = str(tokenizer_path_or_obj), None
+        else:
+            self._tok_path, self._tok = None, tokenizer_path_or_obj
+        self.image_size, self.max_text_len, self.train = int(image_size), int(max_text_len), bool(train)
+        self.hflip_prob, self.jitter, self.draft = float(hflip_prob), float(jitter), bool(draft)
+        self._seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(storage.localize_dir(self._tok_path))
+        return self._tok
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self._tok_path is not None:
+            state["_tok"] = None  # reloaded where it runs
+        return state
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        n, size, m = len(images), self.image_size, B.MAX_ALT_BOXES
+        canvases = np.full((n, size, size, 3), PAD_VALUE, dtype=np.uint8)
+        boxes = np.zeros((n, 4), np.float32)
+        has_box = np.zeros(n, np.float32)
+        alt = np.zeros((n, m, 4), np.float32)
+        alt_mask = np.zeros((n, m), np.float32)
+        orig = np.zeros((n, 2), np.float32)
+        flips = (self._rng.random(n) < self.hflip_prob) if self.train else np.zeros(n, bool)
+        box_col = batch.get("box")
+        alt_col = batch.get("alt_boxes")
+        for i in range(n):
+            lb = decode_letterbox(bytes(images[i]), size, canvases[i], bool(flips[i]), self.draft)
+            orig[i] = (lb.width, lb.height)
+            box = _box_or_none(box_col[i]) if box_col is not None else None
+            alts = _boxes(alt_col[i])[:m] if alt_col is not None else np.zeros((0, 4))
+            if flips[i]:
+                box = None if box is None else _hflip(box, lb.width)
+                alts = _hflip(alts, lb.width)
+            if box is not None:
+                boxes[i] = xyxy_pixels_to_letterbox_cxcywh(box, lb)
+                has_box[i] = 1.0
+            if len(alts):
+                alt[i, :len(alts)] = xyxy_pixels_to_letterbox_cxcywh(alts, lb)
+                alt_mask[i, :len(alts)] = 1.0
+        pixels = pixel_values_from_canvases(canvases)
+        if self.train and self.jitter > 0:
+            # Brightness/contrast jitter on the normalised image: box-safe, and cheap here.
+            gain = 1.0 + self._rng.uniform(-self.jitter, self.jitter, (n, 1, 1, 1)).astype(np.float32)
+            bias = self._rng.uniform(-self.jitter, self.jitter, (n, 1, 1, 1)).astype(np.float32)
+            pixels = np.clip(pixels * gain + bias, -1.0, 1.0)
+        ids, mask = tokenize(self.tokenizer, [str(q) for q in batch["query"]], self.max_text_len)
+        weight = np.ones(n, np.float32)
+        if "box_weight" in batch:
+            w = np.asarray([1.0 if v is None else float(v) for v in batch["box_weight"]], np.float32)
+            weight = np.where(np.isnan(w), 1.0, w).astype(np.float32)
+        return {
+            B.PIXEL_VALUES: pixels,
+            B.INPUT_IDS: ids,
+            B.ATTENTION_MASK: mask,
+            B.BOXES: boxes,
+            B.HAS_BOX: has_box,
+            B.BOX_WEIGHT: weight,
+            B.ALT_BOXES: alt,
+            B.ALT_MASK: alt_mask,
+            B.ITEM_KEY: B.stable_keys(batch["item_id"]),
+            B.IMAGE_KEY: B.stable_keys(batch["image_id"]),
+            B.PAIR_KEY: B.stable_keys(batch["pair_id"]),
+            B.ORIG_SIZE: orig,
+        }
+
+
+def _hflip(boxes: np.ndarray, width: float) -> np.ndarray:
+    """Mirror x1 y1 x2 y2 boxes ``[..., 4]`` in a frame of ``width`` pixels."""
+    out = np.array(boxes, dtype=np.float64, copy=True)
+    out[..., 0], out[..., 2] = width - boxes[..., 2], width - boxes[..., 0]
+    return out

@@ -1,0 +1,204 @@
+"""Ray Data glue for prepared datasets: read, write, ingest and synthesise, local or ``s3://``.
+
+Every call gets its pyarrow filesystem from :func:`date_core.data.storage.resolve_filesystem`
+(pyarrow ignores ``AWS_ENDPOINT_URL`` on its own, Ray Data would build one from the bare URI).
+
+The prepare pipeline is one streaming pass::
+
+    records (or ray.data.range over image indices -> ProductWorld)
+      -> map_batches(load + decode + validate)        # staged rows: reason null = kept
+      -> write_datasink(PairsDatasink)                # OUT/<domain>/<split>/, OUT/rejected/
+
+so every row read ends up counted exactly once, kept or rejected, however Ray shards it.
+"""
+from __future__ import annotations
+
+import math
+import posixpath
+import uuid
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import Dataset
+from ray.data.datasource import Datasink, WriteResult
+
+from date_core.data import io, storage
+from date_core.data.ingest import ingest_batch, records_table, split_staged
+from date_core.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, REJECTED_DIR, REJECTED_SCHEMA, DataError, check_pair_schema
+from date_core.data.splits import DEFAULT_FRACTIONS, assign_split
+from date_core.data.summary import RunSummary
+
+#: Default Parquet file size: the contract asks for ~100-500 MB files on big data.
+DEFAULT_SHARD_MB = 256.0
+
+
+def read_pairs(root: str, domain: str, split: str, *, columns: Sequence[str] | None = None,
+               shuffle_files: bool = False, override_num_blocks: int | None = None) -> Dataset:
+    """The prepared dataset ``ROOT/<domain>/<split>`` as a Ray Dataset (lazy, streaming).
+
+    Raises :class:`DataError` when the folder has no Parquet file or its schema lacks a
+    contract column (checked on the first file's footer, before any task starts).
+    """
+    uri = io.pairs_uri(root, domain, split)
+    fs, _ = storage.resolve_filesystem(uri)
+    files = io.parquet_files(uri)
+    if not files:
+        raise DataError(uri, "no Parquet files found")
+    try:
+        schema = pq.read_schema(files[0], filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(files[0], f"unreadable Parquet: {exc}") from None
+    if columns is None:
+        check_pair_schema(schema, files[0])
+    return ray.data.read_parquet(
+        files, filesystem=fs, columns=list(columns) if columns else None, partitioning=None,
+        shuffle="files" if shuffle_files else None, override_num_blocks=override_num_blocks,
+    )
+
+
+def _to_contract(batch: pa.Table, domain: str, split: str) -> pa.Table:
+    for name, value in (("domain", domain), ("split", split)):
+        if name not in batch.column_names:
+            batch = batch.append_column(name, pa.array([value] * batch.num_rows, pa.string()))
+        elif batch.num_rows and pc.any(pc.not_equal(batch.column(name), value)).as_py():
+            raise ValueError(f"write_pairs to {domain}/{split} got rows of another {name}")
+    extra = [c for c in batch.column_names if c not in PAIR_COLUMNS]
+    schema = pa.schema(list(PAIR_SCHEMA) + [batch.schema.field(c) for c in extra])
+    return batch.select(list(PAIR_COLUMNS) + extra).cast(schema)
+
+
+def write_pairs(ds: Dataset, out: str, domain: str, split: str, *, shard_mb: float = DEFAULT_SHARD_MB) -> None:
+    """Write contract rows to ``OUT/<domain>/<split>/`` in files of about ``shard_mb`` MB.
+
+    ``domain`` / ``split`` columns are added when absent and checked when present.
+    """
+    uri = io.pairs_uri(out, domain, split)
+    fs, path = storage.resolve_filesystem(uri)
+    ds.map_batches(_to_contract, fn_kwargs={"domain": domain, "split": split}, batch_format="pyarrow") \
+      .write_parquet(path, filesystem=fs, min_bytes_per_file=int(shard_mb * 1e6),
+                     row_group_size=io.ROW_GROUP_ROWS)
+
+
+class PairsDatasink(Datasink[RunSummary]):
+    """Writes staged rows (see :func:`date_core.data.ingest.ingest_batch`): kept rows to
+    ``OUT/<domain>/<split>/part-*.parquet``, rejected rows to ``OUT/rejected/``.
+
+    Ray hands each write task about ``shard_mb`` MB of rows (``min_bytes_per_write``), so each
+    task writes one file per (domain, split) it sees: small data gives one file per split.
+    Each task returns its counts; :attr:`summary` holds their sum after the write.
+    """
+
+    def __init__(self, out: str, shard_mb: float = DEFAULT_SHARD_MB):
+        self.out, self.shard_mb = str(out), float(shard_mb)
+        self.summary = RunSummary()
+
+    @property
+    def min_bytes_per_write(self) -> int:
+        return int(self.shard_mb * 1e6)
+
+    def write(self, blocks: Iterable[pa.Table], ctx: Any) -> RunSummary:
+        fs, base = storage.resolve_filesystem(self.out)
+        tag = f"part-{getattr(ctx, 'task_idx', 0):05d}-{uuid.uuid4().hex[:8]}.parquet"
+        writers: dict[tuple[str, str], pq.ParquetWriter] = {}
+        summary = RunSummary()
+
+        def writer(key: tuple[str, str], schema: pa.Schema) -> pq.ParquetWriter:
+            if key not in writers:
+                folder = posixpath.join(base, *key)
+                if not storage.is_s3(self.out):
+                    fs.create_dir(folder, recursive=True)
+                path = posixpath.join(folder, tag)
+                writers[key] = pq.ParquetWriter(path, schema, filesystem=fs, compression="snappy",
+                                                use_dictionary=io.DICTIONARY_COLUMNS)
+                if key != (REJECTED_DIR,):
+                    summary.add_file(key[0], key[1], f"{'/'.join(key)}/{tag}")
+            return writers[key]
+
+        try:
+            for block in blocks:
+                staged = pa.Table.from_batches(block.to_batches()) if not isinstance(block, pa.Table) else block
+                kept, rejected = split_staged(staged)
+                summary.add_kept(kept)
+                summary.add_rejected(rejected)
+                summary.add_notes(staged.filter(pc.is_null(staged.column("reason"))).column("notes").to_pylist())
+                if kept.num_rows:
+                    for (domain, split) in sorted(set(zip(*kept.select(["domain", "split"]).to_pydict().values()))):
+                        mask = pc.and_(pc.equal(kept.column("domain"), domain), pc.equal(kept.column("split"), split))
+                        writer((domain, split), PAIR_SCHEMA).write_table(kept.filter(mask), row_group_size=io.ROW_GROUP_ROWS)
+                if rejected.num_rows:
+                    writer((REJECTED_DIR,), REJECTED_SCHEMA).write_table(rejected, row_group_size=io.ROW_GROUP_ROWS)
+        finally:
+            for w in writers.values():
+                w.close()
+        return summary
+
+    def on_write_complete(self, write_result: WriteResult[RunSummary]) -> None:
+        for part in write_result.write_returns:
+            self.summary.merge(part)
+
+
+def _ingest(batch: pa.Table, io_threads: int) -> pa.Table:
+    return ingest_batch(batch, io_threads=io_threads)
+
+
+def run_ingest(records: pa.Table, out: str, *, shard_mb: float = DEFAULT_SHARD_MB, block_rows: int = 64,
+               io_threads: int = 8) -> RunSummary:
+    """Load, validate and write records (:data:`~date_core.data.ingest.RECORD_SCHEMA`) with Ray Data.
+
+    Records are cut into blocks of ``block_rows`` so that image loading spreads over all
+    workers (a block of records is tiny; its images are not).
+    """
+    if records.num_rows == 0:
+        return RunSummary()
+    blocks = [records.slice(i, block_rows) for i in range(0, records.num_rows, block_rows)]
+    ds = ray.data.from_arrow(blocks)
+    staged = ds.map_batches(_ingest, fn_kwargs={"io_threads": io_threads}, batch_format="pyarrow",
+                            batch_size=None)
+    sink = PairsDatasink(out, shard_mb)
+    staged.write_datasink(sink)
+    return sink.summary
+
+
+def synth_batch(batch: Mapping[str, np.ndarray], counts: Sequence[tuple[str, int]], seed: int,
+                fractions: Mapping[str, float], config: Any = None) -> pa.Table:
+    """Render the images whose global indices are ``batch["id"]`` -> staged rows.
+
+    Global index ``g`` is image ``g - offset`` of the domain whose range holds it (domains in
+    the order of ``counts``), so the output is the same whatever the blocks are.
+    """
+    from date_core.data.productworld import render_images
+
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    rows: list[dict] = []
+    offset = 0
+    for domain, n in counts:
+        local = ids[(ids >= offset) & (ids < offset + n)] - offset
+        if len(local):
+            for row in render_images(domain, [int(i) for i in local], seed, config):
+                row["split"] = assign_split(row["image_id"], fractions)
+                row["source"] = f"productworld:seed={seed}"
+                rows.append(row)
+        offset += n
+    return ingest_batch(records_table(rows), io_threads=4)
+
+
+def run_synth(out: str, counts: Sequence[tuple[str, int]], seed: int, *,
+              fractions: Mapping[str, float] = DEFAULT_FRACTIONS, config: Any = None,
+              images_per_block: int = 32, shard_mb: float = DEFAULT_SHARD_MB) -> RunSummary:
+    """Generate ProductWorld in parallel (``ray.data.range`` over image indices ->
+    ``map_batches`` rendering + validation -> :class:`PairsDatasink`); deterministic per seed."""
+    total = sum(n for _, n in counts)
+    if total == 0:
+        return RunSummary()
+    ds = ray.data.range(total, override_num_blocks=max(1, math.ceil(total / images_per_block)))
+    staged = ds.map_batches(
+        synth_batch, batch_size=images_per_block, batch_format="numpy",
+        fn_kwargs={"counts": list(counts), "seed": int(seed), "fractions": dict(fractions), "config": config},
+    )
+    sink = PairsDatasink(out, shard_mb)
+    staged.write_datasink(sink)
+    return sink.summary
