@@ -1,0 +1,27 @@
+"""PG-DA: unsupervised domain adaptation of product grounding (no ray, no mlflow here).
+
+- :mod:`.aligner` — the domain aligner (``build_aligner``): MK-MMD or adversarial (GRL)
+  alignment losses between a source and a target batch, as named loss terms.
+- :mod:`.views` — augmented views with exact box mapping back (``build_views``).
+- :mod:`.pseudo` — the pseudo box generator: ``predict_views`` per batch, then
+  ``score_and_select`` over the whole target set, ``build_pseudo_labels``.
+- :mod:`.mmd`, :mod:`.grl` — the building blocks.
+"""
+from __future__ import annotations
+
+from .aligner import (ADVERSARIAL, CONDITIONAL, MARGINAL_IMAGE, MARGINAL_QUERY, AdversarialAligner,
+                      DomainAligner, MMDAligner, build_aligner, build_aligner_for_model)
+from .grl import GradientReversal, grad_reverse, grl_coefficient
+from .mmd import joint_mk_mmd, mk_mmd
+from .pseudo import (attach_pseudo_boxes, build_pseudo_labels, concat_predictions, kept_fraction, predict_views,
+                     pseudo_box_precision, retrieval_hits, score_and_select)
+from .views import View, build_view, build_views
+
+__all__ = [
+    "ADVERSARIAL", "CONDITIONAL", "MARGINAL_IMAGE", "MARGINAL_QUERY",
+    "DomainAligner", "MMDAligner", "AdversarialAligner", "build_aligner", "build_aligner_for_model",
+    "GradientReversal", "grad_reverse", "grl_coefficient", "mk_mmd", "joint_mk_mmd",
+    "View", "build_view", "build_views",
+    "predict_views", "concat_predictions", "retrieval_hits", "score_and_select", "kept_fraction",
+    "build_pseudo_labels", "attach_pseudo_boxes", "pseudo_box_precision",
+]

@@ -1,0 +1,123 @@
+"""The MMD domain aligner: its named, differentiable loss dict and its choices."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from date_core.adapt import build_aligner
+from date_core.adapt.aligner import CONDITIONAL, MARGINAL_IMAGE, MARGINAL_QUERY, pool_tokens
+from date_core.config import default_config
+
+
+def _outputs(n: int, shift: float, seed: int, k: int = 4, d: int = 8, fd: int = 8, grad: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "image_tokens": torch.randn(n, k, d, generator=g) + shift,
+        "query_tokens": torch.randn(n, k, d, generator=g) + shift,
+        "fused": torch.randn(n, fd, generator=g) + shift,
+        "pred_boxes": torch.rand(n, 4, generator=g),
+        "pred_conf": torch.rand(n, generator=g),
+    }
+    if grad:
+        for v in out.values():
+            v.requires_grad_(True)
+    return out
+
+
+def _mmd_aligner(**cfg):
+    return build_aligner({"aligner": "mmd", **cfg}, token_dim=8, num_tokens=4, fused_dim=8)
+
+
+def test_loss_names_are_weight_keys_of_the_config():
+    weights = default_config()["loss"]
+    mmd = _mmd_aligner()
+    adv = build_aligner({"aligner": "adversarial"}, token_dim=8, num_tokens=4, fused_dim=8)
+    for aligner in (mmd, adv):
+        losses = aligner(_outputs(8, 0.0, 1), _outputs(8, 1.0, 2))
+        assert set(losses) == set(aligner.loss_names)
+        assert set(losses) <= set(weights), f"{sorted(losses)} are not all keys of loss: {sorted(weights)}"
+    assert set(mmd.loss_names) == {MARGINAL_IMAGE, MARGINAL_QUERY, CONDITIONAL}
+
+
+@pytest.mark.parametrize("pooling", ["flatten", "mean", "tokens"])
+@pytest.mark.parametrize("conditional", ["joint", "fused"])
+def test_mmd_aligner_is_differentiable_and_sees_the_shift(pooling, conditional):
+    aligner = _mmd_aligner(token_pooling=pooling, conditional=conditional)
+    src, tgt = _outputs(16, 0.0, 1, grad=True), _outputs(16, 1.0, 2, grad=True)
+    losses = aligner(src, tgt)
+    same = aligner(_outputs(16, 0.0, 3), _outputs(16, 0.0, 4))
+    for name, value in losses.items():
+        assert value.ndim == 0 and torch.isfinite(value)
+        assert float(value.detach()) > 5 * max(abs(float(same[name])), 1e-3), (name, float(value.detach()), float(same[name]))
+    sum(losses.values()).backward()
+    for key in ("image_tokens", "query_tokens", "fused"):
+        assert torch.isfinite(tgt[key].grad).all() and tgt[key].grad.abs().sum() > 0, key
+    assert aligner.last_stats.keys() == losses.keys()
+
+
+def test_conditional_alignment_conditions_on_boxes_without_moving_them():
+    src, tgt = _outputs(8, 0.0, 1, grad=True), _outputs(8, 1.0, 2, grad=True)
+    _mmd_aligner()(src, tgt)[CONDITIONAL].backward()
+    assert src["pred_boxes"].grad is None and tgt["fused"].grad.abs().sum() > 0
+    src, tgt = _outputs(8, 0.0, 1, grad=True), _outputs(8, 1.0, 2, grad=True)
+    _mmd_aligner(conditional_detach_boxes=False)(src, tgt)[CONDITIONAL].backward()
+    assert src["pred_boxes"].grad.abs().sum() > 0
+
+
+def test_a_batch_too_small_for_mmd_contributes_zero_but_keeps_the_graph():
+    src, tgt = _outputs(1, 0.0, 1, grad=True), _outputs(5, 1.0, 2, grad=True)
+    losses = _mmd_aligner()(src, tgt)
+    assert all(float(v.detach()) == 0.0 for v in losses.values())
+    sum(losses.values()).backward()  # no error: still attached
+    assert tgt["fused"].grad is not None
+
+
+def test_pool_tokens_shapes():
+    t = torch.randn(3, 4, 8)
+    assert pool_tokens(t, "flatten").shape == (3, 32)
+    assert pool_tokens(t, "mean").shape == (3, 8)
+    assert pool_tokens(t, "tokens").shape == (12, 8)
+    # flatten keeps which slot carries what: swapping two slots is a shift; mean cannot see it.
+    swapped = t[:, [1, 0, 2, 3]]
+    assert not torch.allclose(pool_tokens(t, "flatten"), pool_tokens(swapped, "flatten"))
+    assert torch.allclose(pool_tokens(t, "mean"), pool_tokens(swapped, "mean"))
+
+
+def test_bad_config_and_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="aligner"):
+        build_aligner({"aligner": "coral"}, token_dim=8, num_tokens=4, fused_dim=8)
+    with pytest.raises(ValueError, match="token_pooling"):
+        _mmd_aligner(token_pooling="max")
+    with pytest.raises(ValueError, match="conditional"):
+        _mmd_aligner(conditional="cdan")
+    with pytest.raises(ValueError, match="estimator"):
+        _mmd_aligner(mmd={"estimator": "linear"})
+    src = _outputs(4, 0.0, 1)
+    del src["fused"]
+    with pytest.raises(KeyError, match="fused"):
+        _mmd_aligner()(src, _outputs(4, 0.0, 2))
+    with pytest.raises(ValueError, match="image_tokens"):
+        _mmd_aligner()(_outputs(4, 0.0, 1), _outputs(4, 0.0, 2, d=6))
+
+
+@pytest.mark.parametrize("kind", ["mmd", "adversarial"])
+def test_aligner_on_the_real_tiny_model_trains_the_model(kind):
+    from date_core import build_model
+    from date_core.adapt import build_aligner_for_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=50)
+    aligner = build_aligner_for_model({"aligner": kind}, model)
+    if kind == "adversarial":
+        aligner.set_progress(0.5)  # the DANN schedule starts at coefficient 0: no gradient yet
+    size, n, length = model.config.image_size, 4, 8
+
+    def forward(shift: float) -> dict:
+        return model(torch.randn(n, 3, size, size) + shift, torch.randint(5, 50, (n, length)),
+                     torch.ones(n, length, dtype=torch.long))
+
+    losses = aligner(forward(0.0), forward(0.5))
+    assert set(losses) == set(aligner.loss_names)
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.image_aggregator.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)

@@ -1,0 +1,205 @@
+"""The pseudo box generator: per-batch view predictions, global selection, pseudo-label rows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from date_core import batch as B
+from date_core.adapt import (attach_pseudo_boxes, build_pseudo_labels, build_views, kept_fraction, predict_views,
+                             pseudo_box_precision, retrieval_hits, score_and_select)
+from date_core.boxes import cxcywh_to_xyxy
+from date_core.imaging import Letterbox, PAD_VALUE, to_pixel_values, xyxy_pixels_to_letterbox_cxcywh
+
+S = 32
+
+
+class LocalisingModel(torch.nn.Module):
+    """Predicts the bright rectangle's extent (consistent under every view), except for pairs
+    whose first token is 1 ("confused"): those always get the same box in the left half, so
+    the flipped view maps back to the right half and the views disagree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        bright = pixel_values[:, 0] > 0.5                                   # [B, S, S]
+        s = pixel_values.shape[-1]
+        idx = torch.arange(s, dtype=torch.float32)
+        cols, rows = bright.any(dim=1), bright.any(dim=2)                  # [B, S]
+        x1 = torch.where(cols, idx, torch.full_like(idx, s)).min(dim=1).values
+        x2 = torch.where(cols, idx + 1, torch.zeros_like(idx)).max(dim=1).values
+        y1 = torch.where(rows, idx, torch.full_like(idx, s)).min(dim=1).values
+        y2 = torch.where(rows, idx + 1, torch.zeros_like(idx)).max(dim=1).values
+        boxes = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=1) / s
+        confused = input_ids[:, 0] == 1
+        boxes = torch.where(confused[:, None], torch.tensor([0.2, 0.5, 0.2, 0.4]), boxes)
+        emb = torch.nn.functional.one_hot(input_ids[:, 1] % 8, 8).float()
+        img = pixel_values.mean(dim=(1, 2, 3))[:, None].expand(-1, 8)
+        return {"pred_boxes": boxes + self.dummy, "pred_conf": torch.full((pixel_values.shape[0],), 0.8),
+                "image_emb": img, "query_emb": emb}
+
+
+def _batch(n: int = 6, confused=(1, 4)) -> dict:
+    rng = np.random.default_rng(0)
+    canvases, boxes = [], []
+    for _ in range(n):
+        # Even edges: the scale_0.5 view then puts every edge on a pixel edge (exact extents).
+        x1, y1 = 2 * rng.integers(1, 7, size=2)
+        w, h = 2 * rng.integers(3, 7, size=2)
+        c = np.full((S, S, 3), PAD_VALUE, dtype=np.uint8)
+        c[y1:y1 + h, x1:x1 + w] = 255
+        canvases.append(c)
+        boxes.append([(x1 + w / 2) / S, (y1 + h / 2) / S, w / S, h / S])
+    ids = torch.zeros(n, 5, dtype=torch.long)
+    ids[list(confused), 0] = 1
+    ids[:, 1] = torch.arange(n)
+    return {B.PIXEL_VALUES: torch.from_numpy(to_pixel_values(np.stack(canvases))), B.INPUT_IDS: ids,
+            B.ATTENTION_MASK: torch.ones(n, 5, dtype=torch.long), B.PAIR_KEY: torch.arange(100, 100 + n),
+            B.IMAGE_KEY: torch.arange(200, 200 + n), "true_boxes": np.asarray(boxes, dtype=np.float32)}
+
+
+def test_kept_fraction_follows_the_schedule_and_repeats_the_last_value():
+    assert [kept_fraction([0.3, 0.5, 0.7], r) for r in range(6)] == [0.3, 0.5, 0.7, 0.7, 0.7, 0.7]
+    assert kept_fraction(0.4, 3) == 0.4
+    for bad_schedule, bad_round in (([], 0), ([0.3, 1.5], 0), ([0.3], -1)):
+        with pytest.raises(ValueError):
+            kept_fraction(bad_schedule, bad_round)
+
+
+def test_predict_views_maps_back_agrees_and_flags_the_disagreeing_pairs():
+    batch = _batch()
+    model = LocalisingModel().train()
+    pred = predict_views(model, batch, build_views(["identity", "hflip", "scale_0.5"]))
+    assert model.training  # mode restored
+    n = 6
+    assert pred["view_boxes"].shape == (n, 3, 4) and pred["box"].shape == (n, 4)
+    for key in ("agreement", "confidence", "pair_key", "image_key"):
+        assert pred[key].shape == (n,), key
+    good = np.array([i not in (1, 4) for i in range(n)])
+    # Views of a well-localised pair map back onto the true box (exact inverse mapping).
+    np.testing.assert_allclose(pred["view_boxes"][good], np.repeat(batch["true_boxes"][good, None], 3, 1), atol=1e-5)
+    np.testing.assert_allclose(pred["box"][good], batch["true_boxes"][good], atol=1e-5)
+    np.testing.assert_allclose(pred["agreement"][good], 1.0, atol=1e-5)
+    assert (pred["agreement"][~good] < 0.5).all()
+    np.testing.assert_allclose(pred["confidence"], 0.8)
+    # The median consensus is the two agreeing views' box, not pulled by the flipped outlier.
+    np.testing.assert_allclose(pred["box"][~good], [[0.2, 0.5, 0.2, 0.4]] * 2, atol=1e-6)
+    mean = predict_views(model, batch, build_views(["identity", "hflip", "scale_0.5"]), consensus="mean")
+    assert np.abs(mean["box"][~good, 0] - 0.2).min() > 0.1
+
+
+def test_embeddings_come_from_the_unaugmented_image_even_without_identity_view():
+    batch = _batch()
+    pred = predict_views(LocalisingModel(), batch, build_views(["hflip", "scale_0.5"]))
+    expected = batch[B.PIXEL_VALUES].mean(dim=(1, 2, 3))
+    np.testing.assert_allclose(pred["image_emb"][:, 0], expected.numpy(), atol=1e-6)
+
+
+def test_unreliable_pairs_are_dropped():
+    batch = _batch(n=8, confused=(0, 5))
+    pred = predict_views(LocalisingModel(), batch, build_views(["identity", "hflip", "scale_0.5"]))
+    cfg = {"keep_schedule": [0.5, 0.75], "reliability": {"agreement": 1.0, "confidence": 1.0}}
+    for round_index, n_keep in ((0, 4), (1, 6), (5, 6)):
+        rel, keep = score_and_select(pred, round_index, cfg)
+        assert keep.sum() == n_keep
+        assert not keep[[0, 5]].any(), "a pair whose views disagree was kept"
+        assert rel[[0, 5]].max() < rel[[1, 2, 3, 4, 6, 7]].min()
+    # Even a schedule that keeps everything drops pairs at or below min_reliability.
+    _, keep = score_and_select(pred, 0, {**cfg, "keep_schedule": [1.0], "min_reliability": 0.7})
+    assert keep.sum() == 6 and not keep[[0, 5]].any()
+
+
+def test_retrieval_signal_drops_queries_that_miss_their_own_image():
+    n = 10
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(n, 16)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    queries = images.copy()
+    queries[[2, 7]] = -images[[2, 7]]          # these two queries point away from their own image
+    pred = {"agreement": np.ones(n), "confidence": np.ones(n), "image_emb": images, "query_emb": queries,
+            B.IMAGE_KEY: np.arange(n)}
+    cfg = {"keep_schedule": [0.8], "reliability": {"agreement": 1.0, "confidence": 1.0, "retrieval": 1.0},
+           "retrieval_topk": 1}
+    rel, keep = score_and_select(pred, 0, cfg)
+    assert keep.sum() == 8 and not keep[[2, 7]].any()
+    np.testing.assert_allclose(rel[[2, 7]], 2 / 3)
+    np.testing.assert_allclose(np.delete(rel, [2, 7]), 1.0)
+
+
+def test_retrieval_hits_are_global_chunked_and_deduplicate_the_gallery():
+    rng = np.random.default_rng(1)
+    n_img = 40
+    gallery = rng.normal(size=(n_img, 8)).astype(np.float32)
+    image_key = np.repeat(np.arange(n_img), 2)                 # two queries per image
+    image_emb = gallery[image_key]
+    query_emb = image_emb + rng.normal(scale=1.0, size=image_emb.shape).astype(np.float32)
+    full = retrieval_hits(query_emb, image_emb, image_key, k=3, chunk_size=10_000)
+    for chunk in (1, 7, 33):
+        assert np.array_equal(retrieval_hits(query_emb, image_emb, image_key, k=3, chunk_size=chunk), full)
+    # Brute force over the distinct images: own image among the 3 best scores.
+    scores = query_emb @ gallery.T
+    rank = (scores > scores[np.arange(len(image_key)), image_key][:, None]).sum(1)
+    assert np.array_equal(full, rank < 3)
+    assert 0 < full.mean() < 1  # the case is neither trivial nor hopeless
+    assert retrieval_hits(query_emb, image_emb, image_key, k=n_img).all()
+    with pytest.raises(ValueError):
+        retrieval_hits(query_emb, image_emb, image_key, k=0)
+
+
+def test_pseudo_labels_carry_reliability_weights_and_pixel_boxes():
+    pred = {"box": np.array([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.2, 0.1], [0.6, 0.5, 0.4, 0.4]], np.float32),
+            B.PAIR_KEY: np.array([11, 12, 13]), B.ORIG_SIZE: np.array([[200, 100], [100, 100], [50, 80]], np.float32)}
+    rel = np.array([0.8, 0.2, 0.4], np.float32)
+    keep = np.array([True, False, True])
+    labels = build_pseudo_labels(pred, rel, keep, round_index=2)
+    assert labels["pair_key"].tolist() == [11, 13]
+    np.testing.assert_allclose(labels["box_weight"], [1.0, 0.5])
+    assert labels["round"].tolist() == [2, 2]
+    # The pixel boxes map forward again to the letterbox boxes (of any side).
+    for box_px, box, (w, h) in zip(labels["box_xyxy"], labels["box"], pred[B.ORIG_SIZE][keep]):
+        np.testing.assert_allclose(xyxy_pixels_to_letterbox_cxcywh(box_px, Letterbox(w, h, 224)), box, atol=1e-5)
+
+
+def test_attach_pseudo_boxes_sets_targets_only_for_labelled_pairs():
+    batch = {B.PAIR_KEY: torch.tensor([11, 12, 13]), B.BOXES: torch.ones(3, 4), B.HAS_BOX: torch.ones(3),
+             B.BOX_WEIGHT: torch.ones(3), B.ALT_MASK: torch.ones(3, 2)}
+    labels = {"pair_key": np.array([13, 11]), "box": np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]),
+              "box_weight": np.array([0.25, 1.0])}
+    out = attach_pseudo_boxes(batch, labels)
+    assert out[B.HAS_BOX].tolist() == [1.0, 0.0, 1.0]
+    assert out[B.BOX_WEIGHT].tolist() == [1.0, 0.0, 0.25]
+    assert torch.allclose(out[B.BOXES][2], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert out[B.ALT_MASK].sum() == 0 and batch[B.HAS_BOX].sum() == 3  # input untouched
+
+
+def test_pseudo_box_precision():
+    gt = np.array([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]])
+    assert pseudo_box_precision(np.array([[0.5, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]]), gt) == 0.5
+    assert np.isnan(pseudo_box_precision(np.zeros((0, 4)), np.zeros((0, 4))))
+
+
+def test_predict_views_with_the_real_tiny_model():
+    from date_core import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=50).eval()
+    size = model.config.image_size
+    n, length = 4, 8
+    batch = {B.PIXEL_VALUES: torch.randn(n, 3, size, size), B.INPUT_IDS: torch.randint(5, 50, (n, length)),
+             B.ATTENTION_MASK: torch.ones(n, length, dtype=torch.long), B.PAIR_KEY: torch.arange(n),
+             B.IMAGE_KEY: torch.arange(n)}
+    pred = predict_views(model, batch, build_views(["identity", "hflip", "scale_0.9"]))
+    with torch.no_grad():
+        out = model(batch[B.PIXEL_VALUES], batch[B.INPUT_IDS], batch[B.ATTENTION_MASK])
+    assert pred["view_boxes"].shape == (n, 3, 4) and pred["box"].shape == (n, 4)
+    assert pred["image_emb"].shape == tuple(out["image_emb"].shape)
+    # The identity view's boxes are the model's own boxes (clipped to the square).
+    own = cxcywh_to_xyxy(out["pred_boxes"]).clamp(0, 1).numpy()
+    np.testing.assert_allclose(cxcywh_to_xyxy(torch.from_numpy(pred["view_boxes"][:, 0])).numpy(), own, atol=1e-5)
+    np.testing.assert_allclose(pred["confidence"], pred["confidence"].clip(0, 1))
+    assert ((pred["agreement"] >= 0) & (pred["agreement"] <= 1)).all()
+    rel, keep = score_and_select(pred, 0, {"keep_schedule": [0.5], "reliability": {"agreement": 1, "confidence": 1,
+                                                                                     "retrieval": 1}})
+    assert keep.sum() == 2 and rel.shape == (n,)

@@ -1,0 +1,95 @@
+"""Augmented views: the image transform and the box mapping agree, and boxes map back exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from date_core.adapt.views import PAD_NORMALISED, build_view, build_views
+from date_core.batch import IMAGE_MEAN, IMAGE_STD
+from date_core.imaging import PAD_VALUE, to_pixel_values
+
+S = 64
+VIEW_NAMES = ["identity", "hflip", "scale_0.5", "scale_0.75", "scale_2", "shift_0.125_-0.0625",
+              "hflip+scale_0.5"]
+
+
+def _painted(box_px: tuple[int, int, int, int]) -> torch.Tensor:
+    """A [1, 3, S, S] image: pad-grey background with a white rectangle x1:x2, y1:y2 (pixels)."""
+    import numpy as np
+
+    canvas = np.full((S, S, 3), PAD_VALUE, dtype=np.uint8)
+    x1, y1, x2, y2 = box_px
+    canvas[y1:y2, x1:x2] = 255
+    return torch.from_numpy(to_pixel_values(canvas))
+
+
+def _extent_cxcywh(pixels: torch.Tensor) -> torch.Tensor:
+    """The bright region's box (cx, cy, w, h in [0, 1]) from pixel extents."""
+    bright = pixels[0, 0] > 0.5
+    ys, xs = torch.nonzero(bright, as_tuple=True)
+    x1, x2 = xs.min().item(), xs.max().item() + 1
+    y1, y2 = ys.min().item(), ys.max().item() + 1
+    return torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dtype=torch.float32) / S
+
+
+def test_pad_value_is_the_normalised_letterbox_grey():
+    expected = [(PAD_VALUE / 255 - m) / s for m, s in zip(IMAGE_MEAN, IMAGE_STD)]
+    assert torch.allclose(torch.tensor(PAD_NORMALISED), torch.tensor(expected))
+    out = build_view("scale_0.5").apply(torch.randn(2, 3, S, S))
+    assert torch.allclose(out[:, :, :4, :4], torch.tensor(PAD_NORMALISED).view(1, 3, 1, 1).expand(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("name", VIEW_NAMES)
+def test_boxes_map_to_the_view_and_back_exactly(name):
+    view = build_view(name)
+    boxes = torch.rand(50, 4, dtype=torch.float64) * torch.tensor([0.6, 0.6, 0.4, 0.4]) + 0.2
+    there = view.boxes_to_view(boxes)
+    back = view.boxes_to_original(there)
+    assert torch.allclose(back, boxes, atol=1e-12, rtol=0)
+    assert view.name == name
+
+
+def test_flipped_view_box_maps_back_to_the_painted_box():
+    # Paint a rectangle, flip the image, find the rectangle in the flipped image, map it back.
+    box = (8, 12, 24, 40)
+    view = build_view("hflip")
+    flipped = view.apply(_painted(box))
+    found = _extent_cxcywh(flipped)
+    assert torch.allclose(found, torch.tensor([1 - 16 / S, 26 / S, 16 / S, 28 / S]))
+    assert torch.allclose(view.boxes_to_original(found), _extent_cxcywh(_painted(box)), atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["scale_0.5", "scale_2", "shift_0.125_-0.0625", "hflip+scale_0.5"])
+def test_geometric_views_move_the_image_as_their_box_map_says(name):
+    # Box edges chosen so that every mapped edge falls on a pixel edge: the bright region of
+    # the transformed image must then be exactly the mapped box (bilinear, align_corners=False).
+    box_px = (24, 20, 40, 36)
+    view = build_view(name)
+    original = _extent_cxcywh(_painted(box_px))
+    transformed = view.apply(_painted(box_px))
+    expected = view.boxes_to_view(original)
+    assert torch.allclose(_extent_cxcywh(transformed), expected, atol=1e-6), name
+    assert torch.allclose(view.boxes_to_original(_extent_cxcywh(transformed)), original, atol=1e-6)
+
+
+def test_identity_and_flip_are_lossless_on_pixels():
+    x = torch.randn(2, 3, S, S)
+    assert torch.equal(build_view("identity").apply(x), x)
+    assert torch.equal(build_view("hflip").apply(build_view("hflip").apply(x)), x)
+    # A sub-pixel-free affine view (zoom 1, no shift) resamples to the same pixels.
+    assert torch.allclose(build_view("scale_1").apply(x), x, atol=1e-5)
+
+
+def test_view_names_are_validated():
+    assert [v.name for v in build_views(["identity", "hflip", "scale_0.9"])] == ["identity", "hflip", "scale_0.9"]
+    for bad in ["rotate_10", "scale_x", "scale_9", "shift_0.6", "shift_1_2_3"]:
+        with pytest.raises(ValueError):
+            build_view(bad)
+    with pytest.raises(ValueError, match="duplicates"):
+        build_views(["hflip", "hflip"])
+    with pytest.raises(ValueError, match="empty"):
+        build_views([])
+    with pytest.raises(TypeError):
+        build_views("hflip")
+    with pytest.raises(ValueError, match=r"\[B, 3, S, S\]"):
+        build_view("scale_0.5").apply(torch.zeros(3, S, S))
