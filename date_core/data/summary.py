@@ -107,19 +107,6 @@ class RunSummary:
                             json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8"))
         return data
 
-    def table(self) -> str:
-        """A plain-text table of the counts, for the end of a command's output."""
-        lines = [f"{'domain/split':<22}{'read':>9}{'kept':>9}{'rejected':>10}  reasons"]
-        for key in sorted(set(self.kept) | set(self.rejected)):
-            rej = self.rejected.get(key, Counter())
-            kept = self.kept.get(key, 0)
-            reasons = ", ".join(f"{r}={n}" for r, n in sorted(rej.items()))
-            lines.append(f"{'/'.join(key):<22}{kept + sum(rej.values()):>9}{kept:>9}"
-                         f"{sum(rej.values()):>10}  {reasons}")
-        lines.append(f"{'total':<22}{self.total_kept + self.total_rejected:>9}{self.total_kept:>9}"
-                     f"{self.total_rejected:>10}")
-        return "\n".join(lines)
-
 
 def _group_counts(table: pa.Table) -> Counter:
     if table.num_rows == 0:
@@ -131,3 +118,14 @@ def _group_counts(table: pa.Table) -> Counter:
 def read_summary(root: str) -> dict[str, Any]:
     """The ``_summary.json`` of a prepared dataset (local or s3)."""
     return json.loads(storage.read_bytes(storage.join(root, SUMMARY_FILE)).decode("utf-8"))
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A plain-text table of a summary dict (:meth:`RunSummary.to_dict`), for a command's output."""
+    lines = [f"{'domain/split':<22}{'read':>9}{'kept':>9}{'rejected':>10}  reasons"]
+    for domain, splits in summary["per_domain_split"].items():
+        for split, c in splits.items():
+            reasons = ", ".join(f"{r}={n}" for r, n in c["rejected_by_reason"].items())
+            lines.append(f"{domain + '/' + split:<22}{c['read']:>9}{c['kept']:>9}{c['rejected']:>10}  {reasons}")
+    lines.append(f"{'total':<22}{summary['read']:>9}{summary['kept']:>9}{summary['rejected']:>10}")
+    return "\n".join(lines)

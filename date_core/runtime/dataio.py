@@ -27,7 +27,9 @@ from ray.data import Dataset
 from ray.data.datasource import Datasink, WriteResult
 
 from date_core.data import io, storage
+from date_core.data.assemble import assemble, estimate_row_bytes
 from date_core.data.ingest import ingest_batch, records_table, split_staged
+from date_core.data.outputs import prepare_output, save_tokenizer, write_parse_rejects
 from date_core.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, REJECTED_DIR, REJECTED_SCHEMA, DataError, check_pair_schema
 from date_core.data.splits import DEFAULT_FRACTIONS, assign_split
 from date_core.data.summary import RunSummary
@@ -202,3 +204,79 @@ def run_synth(out: str, counts: Sequence[tuple[str, int]], seed: int, *,
     sink = PairsDatasink(out, shard_mb)
     staged.write_datasink(sink)
     return sink.summary
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start Ray if this process has not: the cluster at ``RAY_ADDRESS`` when set (``ray job
+    submit`` sets it), else a local one with ``num_cpus`` (None: all cores)."""
+    import os
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def _finish(out: str, summary: RunSummary, *, tokenizer: str | None, vocab_size: int,
+            meta: Mapping[str, Any]) -> dict[str, Any]:
+    _verify_written(out, summary)
+    domains = sorted({d for d, _ in summary.kept})
+    tok_info = save_tokenizer(out, pretrained=tokenizer, domains=domains, vocab_size=vocab_size) \
+        if summary.total_kept else None
+    return summary.write(out, **meta, tokenizer=tok_info)
+
+
+def prepare_records(items: Iterable[Mapping[str, Any]], out: str, *, fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+                    tokenizer: str | None = None, vocab_size: int = 8000, shard_mb: float = DEFAULT_SHARD_MB,
+                    overwrite: bool = False, meta: Mapping[str, Any] | None = None,
+                    progress: Any = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """A whole prepare run over parser output (manifest / VOC / Product1M records and
+    rejections): assemble (duplicates, splits) -> Ray ingest -> tokenizer -> ``_summary.json``.
+    Returns the summary dict. ``progress`` wraps ``items`` (e.g. a tqdm factory)."""
+    prepare_output(out, overwrite)
+    asm = assemble(progress(items) if progress else items, fractions)
+    summary = RunSummary()
+    write_parse_rejects(out, asm.rejected, summary)
+    ensure_ray(num_cpus)
+    block_rows = max(8, min(256, int(16e6 / estimate_row_bytes(asm.records))))
+    summary.merge(run_ingest(asm.records, out, shard_mb=shard_mb, block_rows=block_rows))
+    _check_accounting(summary, asm.read, out)
+    return _finish(out, summary, tokenizer=tokenizer, vocab_size=vocab_size,
+                   meta={**(meta or {}), "split_fractions": dict(fractions)})
+
+
+def prepare_synth(out: str, mall: int, live: int, seed: int, *, fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+                  config: Any = None, tokenizer: str | None = None, vocab_size: int = 8000,
+                  shard_mb: float = DEFAULT_SHARD_MB, images_per_block: int = 32, overwrite: bool = False,
+                  meta: Mapping[str, Any] | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """A whole ``prepare synth`` run: ProductWorld ``mall`` + ``live`` images -> dataset at ``out``."""
+    prepare_output(out, overwrite)
+    ensure_ray(num_cpus)
+    summary = run_synth(out, [("mall", mall), ("live", live)], seed, fractions=fractions, config=config,
+                        images_per_block=images_per_block, shard_mb=shard_mb)
+    return _finish(out, summary, tokenizer=tokenizer, vocab_size=vocab_size,
+                   meta={**(meta or {}), "images": {"mall": mall, "live": live}, "seed": seed,
+                         "split_fractions": dict(fractions)})
+
+
+def _check_accounting(summary: RunSummary, read: int, out: str) -> None:
+    # The promise of the pipeline: every row read is kept or rejected, exactly once.
+    if summary.total_kept + summary.total_rejected != read:
+        raise DataError(out, f"row accounting mismatch: read {read}, kept {summary.total_kept}, "
+                             f"rejected {summary.total_rejected}")
+
+
+def _verify_written(out: str, summary: RunSummary) -> None:
+    # Read back the ids that were written (one small column): the files must hold exactly the
+    # rows the summary counts, and no pair_id twice (the generator's ids are unique by
+    # construction; parsed sources are deduplicated before ingest).
+    seen: set[str] = set()
+    for (domain, split), kept in sorted(summary.kept.items()):
+        ids = io.read_table(out, domain, split, columns=["pair_id"]).column("pair_id").to_pylist()
+        if len(ids) != kept:
+            raise DataError(io.pairs_uri(out, domain, split), f"holds {len(ids)} rows, the run kept {kept}")
+        seen.update(ids)
+    if len(seen) != summary.total_kept:
+        raise DataError(out, f"{summary.total_kept - len(seen)} duplicate pair_id(s) among kept rows")

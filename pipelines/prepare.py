@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Prepare image-query pairs as the sharded Parquet dataset the trainers stream with Ray Data.
+
+Every sub-command writes, under OUT (a local folder or s3://bucket/prefix):
+  OUT/<domain>/<split>/*.parquet   the pairs (data contract: docs in date_core/data/schema.py)
+  OUT/rejected/*.parquet           every row that failed validation, with `reason` and `detail`
+  OUT/_summary.json                rows read / kept / rejected by reason, per domain and split
+  OUT/tokenizer/                   the query tokenizer (WordPiece trained on the train queries,
+                                   or a copy of --tokenizer PATH)
+No row is dropped silently: a bad row is rejected with its reason; a structural problem
+(a missing column, an unreadable file) stops the run with one line naming the file, exit 2.
+Splits: a row may name its split; otherwise train/val/test by a hash of image_id (an image
+never straddles splits). S3: endpoint, keys and region come only from the standard AWS
+environment variables (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, ..., AWS_REGION).
+
+Examples:
+  python pipelines/prepare.py synth --mall 3000 --live 1500 --seed 0 --out runs/data/productworld
+  python pipelines/prepare.py synth --mall 474000 --live 101000 --seed 0 --out s3://bucket/productworld
+  python pipelines/prepare.py manifest pairs.jsonl --out s3://bucket/shop
+  python pipelines/prepare.py voc /data/freiburg_groceries_voc --domain mall --out runs/data/groceries
+  python pipelines/prepare.py product1m product1m_train_ossurl_v2.txt --images /data/p1m --out runs/data/p1m
+
+Ray: a local Ray with --num-cpus (default: all cores), or the cluster at RAY_ADDRESS
+(`ray job submit -- python pipelines/prepare.py ...`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import _cli  # noqa: F401  (puts the checkout on sys.path, sets offline env)
+
+PAPER_SCALE_NOTE = """\
+Paper scale (474k mall + 101k live images, ~690k pairs): run
+  python pipelines/prepare.py synth --mall 474000 --live 101000 --seed 0 --out OUT
+on a Ray cluster or a many-core machine; the time to expect on this hardware is measured by
+bench/data_throughput.py (ProductWorld images/s, extrapolated) and recorded in BENCHMARKS.md.
+The work is embarrassingly parallel: it scales with the CPUs Ray has."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR_OR_S3",
+                   help="output location: a local folder or s3://bucket/prefix")
+    p.add_argument("--splits", default="train=0.8,val=0.1,test=0.1", metavar="FRACTIONS",
+                   help="split fractions for rows that name no split, assigned by a hash of image_id "
+                        "(default: %(default)s)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="local pretrained tokenizer folder to ship with the dataset, instead of "
+                        "training a WordPiece tokenizer on the train queries")
+    p.add_argument("--vocab-size", type=int, default=8000,
+                   help="WordPiece vocabulary size when training one (default: %(default)s)")
+    p.add_argument("--shard-mb", type=float, default=256.0,
+                   help="target Parquet file size in MB; small data gives one file per split "
+                        "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already at --out (only what a prepare run writes is deleted)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray (default: all cores; ignored with RAY_ADDRESS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{synth,manifest,voc,product1m}")
+
+    p = sub.add_parser("synth", help="generate ProductWorld (synthetic mall + live) with Ray Data",
+                       description="Generate ProductWorld images in parallel (ray.data.range over image "
+                                   "indices -> map_batches -> Parquet). Deterministic per seed.\n\n"
+                                   + PAPER_SCALE_NOTE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mall", type=_positive_int, required=True, help="number of mall (catalogue) images")
+    p.add_argument("--live", type=_positive_int, required=True, help="number of live (stream frame) images")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
+    p.add_argument("--world-config", metavar="FILE.yaml",
+                   help="ProductWorld knobs per domain (see date_core/data/productworld/config.py)")
+    p.add_argument("--images-per-task", type=int, default=32,
+                   help="images rendered per Ray task (default: %(default)s)")
+    _add_common(p)
+
+    p = sub.add_parser("manifest", help="pairs listed in a JSONL (or Parquet) manifest",
+                       description="One JSON object a line: image (local path, relative to the manifest, or "
+                                   "s3:// URI), query, box [x1,y1,x2,y2] pixels or null, optional alt_boxes, "
+                                   "domain, optional split, item_id, optional pair_id / image_id / width / "
+                                   "height. A .parquet manifest has the same columns.")
+    p.add_argument("manifest", metavar="FILE", help="manifest: .jsonl or .parquet, local or s3://")
+    _add_common(p)
+
+    p = sub.add_parser("voc", help="Pascal VOC folders (one pair per image and class)",
+                       description="Pascal VOC: annotations/<sub>/*.xml + images/<sub>/*, or Annotations/ + "
+                                   "JPEGImages/. Query: a phrase from the class name ('a pack of coffee'); "
+                                   "box: the class's largest box, alt_boxes: its others; item_id: the class.")
+    p.add_argument("root", metavar="DIR", help="the VOC dataset folder, local or s3://")
+    p.add_argument("--domain", required=True, help="domain of every pair (e.g. mall or live)")
+    p.add_argument("--query-template", metavar="TEXT",
+                   help="query for class {name}, e.g. 'a photo of {name}' (default: built-in phrases)")
+    _add_common(p)
+
+    p = sub.add_parser("product1m", help="Product1M text files with images already on disk",
+                       description="Product1M lines item_id#####title#####url(s)[#####labels joined by #;#]. "
+                                   "Images are looked up in --images by the URL's file name (nothing is "
+                                   "downloaded); a missing one is a rejected row. No boxes.")
+    p.add_argument("file", metavar="FILE", help="a Product1M .txt file, local or s3://")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder holding the images, local or s3://")
+    p.add_argument("--domain", default="mall", help="domain of every pair (default: %(default)s)")
+    _add_common(p)
+    return parser
+
+
+def describe(args: argparse.Namespace) -> str:
+    """One paragraph: what this run will do."""
+    if args.command == "synth":
+        what = (f"generate ProductWorld: {args.mall} mall + {args.live} live images, seed {args.seed}, "
+                f"{args.images_per_task} images per Ray task")
+    elif args.command == "manifest":
+        what = f"ingest the pairs listed in {args.manifest}"
+    elif args.command == "voc":
+        what = f"ingest the Pascal VOC dataset at {args.root} as domain {args.domain!r}"
+    else:
+        what = f"ingest Product1M lines of {args.file} with images from {args.images} as domain {args.domain!r}"
+    tok = f"copy tokenizer {args.tokenizer}" if args.tokenizer else f"train a WordPiece tokenizer ({args.vocab_size})"
+    return (f"[prepare] will {what};\n[prepare] splits {args.splits} (rows naming no split); "
+            f"~{args.shard_mb:g} MB Parquet files; {tok};\n[prepare] write {args.out}/<domain>/<split>/, "
+            f"{args.out}/rejected/, {args.out}/tokenizer/, {args.out}/_summary.json")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from date_core.data.splits import parse_fractions
+    from date_core.runtime import dataio
+
+    fractions = parse_fractions(args.splits)
+    common = dict(fractions=fractions, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                  shard_mb=args.shard_mb, overwrite=args.overwrite, num_cpus=args.num_cpus,
+                  meta={"command": " ".join(["prepare.py", *args.argv])})
+    if args.command == "synth":
+        config = None
+        if args.world_config:
+            from date_core.config import load_yaml
+            from date_core.data.productworld import ProductWorldConfig
+
+            config = ProductWorldConfig.from_dict(load_yaml(args.world_config))
+        return dataio.prepare_synth(args.out, args.mall, args.live, args.seed, config=config,
+                                    images_per_block=args.images_per_task, **common)
+    if args.command == "manifest":
+        from date_core.data.manifest import iter_manifest
+
+        items = iter_manifest(args.manifest)
+    elif args.command == "voc":
+        from date_core.data.voc import iter_voc
+
+        items = iter_voc(args.root, args.domain, args.query_template)
+    else:
+        from date_core.data.product1m import iter_product1m
+
+        items = iter_product1m(args.file, args.images, args.domain)
+    bar = lambda it: tqdm(it, desc="[prepare] parse", unit=" rows", mininterval=1.0)  # noqa: E731
+    return dataio.prepare_records(items, args.out, progress=bar, **common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    print(describe(args), flush=True)
+    from date_core.data.schema import DataError
+    from date_core.data.summary import format_table
+
+    start = time.time()
+    try:
+        summary = run(args)
+    except DataError as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        # Unreadable/unwritable storage or a bad option value: one line, no traceback.
+        print(f"prepare: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    elapsed = time.time() - start
+    print(format_table(summary), flush=True)
+    print(f"[prepare] {summary['read']} rows read, {summary['kept']} kept, {summary['rejected']} rejected "
+          f"in {elapsed:.1f}s ({summary['read'] / max(elapsed, 1e-9):.1f} rows/s); summary at "
+          f"{args.out.rstrip('/')}/_summary.json", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    sys.exit(main())
