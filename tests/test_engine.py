@@ -1,0 +1,143 @@
+"""The plain training loop's pieces: train_step (source, target, aligner, accumulation),
+optimiser and scheduler, evaluate on numpy batches, fit."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from date_core import batch as B
+from date_core import build_model
+from date_core.engine import build_optimizer, build_scheduler, evaluate, fit, train_step
+from date_core.losses import DateCriterion
+
+from _model_synth import overfit_pairs, random_scene_rows, rows_to_batch, tokenizer_for
+
+
+@pytest.fixture(scope="module")
+def data():
+    rows = overfit_pairs(n_images=4, seed=1)
+    tok = tokenizer_for(rows)
+    return tok, rows_to_batch(rows, tok, max_len=8)
+
+
+def _model(tok, seed=0):
+    torch.manual_seed(seed)
+    return build_model("tiny", vocab_size=len(tok), max_text_len=8, vision_layers=1, text_layers=1,
+                       fusion_layers=1)
+
+
+def test_target_batch_and_aligner_terms_are_added_with_their_weights(data):
+    tok, src = data
+    tgt = dict(src)
+    tgt[B.HAS_BOX] = torch.tensor([1.0, 0.0] * 4)      # half the target pairs carry pseudo boxes
+    tgt[B.BOX_WEIGHT] = torch.full((8,), 0.5)
+    seen = {}
+
+    def aligner(s_out, t_out):
+        seen.update(s=s_out, t=t_out)
+        return {"align_conditional": (s_out["fused"].mean(0) - t_out["fused"].mean(0)).pow(2).sum() + 1.0}
+
+    model = _model(tok)
+    crit = DateCriterion({"align_conditional": 0.25})
+    opt = build_optimizer(model, {"lr": 1e-3})
+    logs = train_step(model, crit, src, opt, target_batch=tgt, aligner=aligner)
+    assert {"fused", "image_tokens", "query_tokens"} <= set(seen["s"]) and seen["t"]["fused"].shape[0] == 8
+    w = crit.weights
+    src_total = sum(w[k] * logs[f"loss/{k}"] for k in ("retrieval", "box_l1", "box_giou", "confidence"))
+    tgt_total = sum(w[k] * logs[f"loss/target/{k}"] for k in ("retrieval", "box_l1", "box_giou", "confidence"))
+    assert logs["loss/total"] == pytest.approx(src_total + tgt_total + 0.25 * logs["loss/align_conditional"], rel=1e-5)
+    assert logs["loss/target/box_l1"] != pytest.approx(logs["loss/box_l1"])  # pseudo weights applied
+    assert logs["stepped"] == 1.0 and logs["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="target_batch"):
+        train_step(model, crit, src, opt, aligner=aligner)
+
+
+def _halves(batch):
+    return ({k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()})
+
+
+def test_gradient_accumulation_steps_every_n_and_matches_the_full_batch(data):
+    tok, batch = data
+    crit = DateCriterion({"retrieval": 0.0, "confidence": 0.0})  # per-pair terms only: halves average exactly
+    full, accum = _model(tok), None
+    accum = copy.deepcopy(full)
+    opt_full = torch.optim.SGD(full.parameters(), lr=0.5)
+    opt_acc = torch.optim.SGD(accum.parameters(), lr=0.5)
+    sched = build_scheduler(opt_acc, 0, 10)
+    train_step(full, crit, batch, opt_full, max_grad_norm=None)
+
+    before = [p.detach().clone() for p in accum.parameters()]
+    first, second = _halves(batch)
+    logs = train_step(accum, crit, first, opt_acc, sched, grad_accum=2, micro_step=0, max_grad_norm=None)
+    assert logs["stepped"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, accum.parameters()))  # no step yet
+    assert any(p.grad is not None for p in accum.parameters())
+    logs = train_step(accum, crit, second, opt_acc, sched, grad_accum=2, micro_step=1, max_grad_norm=None)
+    assert logs["stepped"] == 1.0 and all(p.grad is None for p in accum.parameters())
+    assert sched.last_epoch == 1  # the scheduler counts optimiser steps, not micro-steps
+    for (name, a), b in zip(full.named_parameters(), accum.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_scheduler_warms_up_linearly_then_decays_by_cosine():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+
+
+def test_optimizer_groups_exclude_norms_and_biases_from_decay_and_take_extra_modules(data):
+    tok, _ = data
+    model = _model(tok)
+    disc = torch.nn.Linear(4, 1)
+    opt = build_optimizer(model, {"lr": 1e-3, "weight_decay": 0.1, "encoder_lr_mult": 0.5}, extra_modules=[disc])
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of[id(disc.weight)] == 0.1 and decay_of[id(disc.bias)] == 0.0
+    assert decay_of[id(model.grounding.norm.weight)] == 0.0
+    assert decay_of[id(model.retrieval.log_logit_scale)] == 0.0
+    assert lr_of[id(model.text.backbone.encoder.layer[0].attention.self.query.weight)] == pytest.approx(5e-4)
+    assert lr_of[id(model.grounding.patch_score.weight)] == pytest.approx(1e-3)
+    n_params = sum(1 for _ in model.parameters()) + 2
+    assert len(decay_of) == n_params
+
+
+def test_evaluate_accepts_numpy_batches_like_ray_data(data):
+    tok, batch = data
+    model = _model(tok)
+    as_torch = evaluate(model, [batch])
+    halves = [{k: v.numpy() for k, v in h.items()} for h in _halves(batch)]
+    as_numpy = evaluate(model, halves)
+    for name in ("pr/R@1", "pr/mAP@10", "pg/mIoU", "pg/acc@0.5"):
+        assert as_numpy[name] == pytest.approx(as_torch[name], abs=1e-6)
+    assert as_torch["pr/n_gallery"] == 4 and as_torch["pr/n_queries"] == 8
+    # unannotated data: PR is still measured, PG is NaN
+    unlabelled = dict(batch)
+    unlabelled[B.HAS_BOX] = torch.zeros(8)
+    m = evaluate(model, [unlabelled])
+    assert math.isnan(m["pg/acc@0.5"]) and not math.isnan(m["pr/R@1"])
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate(model, [])
+
+
+def test_fit_runs_steps_and_evaluates(data):
+    tok, _ = data
+    rows = random_scene_rows(32, seed=5)
+    batches = [rows_to_batch(rows[i:i + 8], tok, max_len=8) for i in range(0, 32, 8)]
+    model = _model(tok)
+    history = fit(model, lambda: batches, cfg_train={"lr": 1e-3, "warmup_steps": 2}, max_steps=6,
+                  eval_batches_factory=lambda: batches[:1], eval_every=3)
+    steps = [h for h in history if "loss/total" in h]
+    evals = [h for h in history if "val/pg/acc@0.5" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in evals] == [3, 6]
+    assert all(math.isfinite(h["loss/total"]) for h in steps)
