@@ -7,7 +7,7 @@ import torch
 
 from date_core import batch as B
 from date_core.adapt import (attach_pseudo_boxes, build_pseudo_labels, build_views, kept_fraction, predict_views,
-                             pseudo_box_precision, retrieval_hits, score_and_select)
+                             retrieval_hits, score_and_select)
 from date_core.boxes import cxcywh_to_xyxy
 from date_core.imaging import Letterbox, PAD_VALUE, to_pixel_values, xyxy_pixels_to_letterbox_cxcywh
 
@@ -174,12 +174,6 @@ def test_attach_pseudo_boxes_sets_targets_only_for_labelled_pairs():
     assert out[B.ALT_MASK].sum() == 0 and batch[B.HAS_BOX].sum() == 3  # input untouched
 
 
-def test_pseudo_box_precision():
-    gt = np.array([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]])
-    assert pseudo_box_precision(np.array([[0.5, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]]), gt) == 0.5
-    assert np.isnan(pseudo_box_precision(np.zeros((0, 4)), np.zeros((0, 4))))
-
-
 def test_predict_views_with_the_real_tiny_model():
     from date_core import build_model
 
@@ -203,3 +197,24 @@ def test_predict_views_with_the_real_tiny_model():
     rel, keep = score_and_select(pred, 0, {"keep_schedule": [0.5], "reliability": {"agreement": 1, "confidence": 1,
                                                                                      "retrieval": 1}})
     assert keep.sum() == 2 and rel.shape == (n,)
+
+
+def test_label_target_set_keeps_the_reliable_pairs_and_reports_their_precision():
+    from date_core.adapt import label_target_set
+
+    batch = _batch(n=8, confused=(0, 5))
+    batch[B.BOXES] = torch.from_numpy(batch.pop("true_boxes"))
+    batch[B.HAS_BOX] = torch.ones(8)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    cfg = {"keep_schedule": [0.5, 0.75], "reliability": {"agreement": 1.0, "confidence": 1.0}}
+    rnd = label_target_set(LocalisingModel(), halves, build_views(["identity", "hflip", "scale_0.5"]), 1, cfg,
+                           keep_annotations=True)
+    assert rnd.keep.sum() == 6 and not rnd.keep[[0, 5]].any()
+    assert sorted(rnd.labels["pair_key"].tolist()) == [101, 102, 103, 104, 106, 107]
+    summary = rnd.summary()
+    assert summary["n_kept"] == 6 and summary["target_fraction"] == 0.75
+    assert summary["precision@0.5"] == 1.0                  # the kept pairs are the well-localised ones
+    assert summary["all_precision@0.5"] == pytest.approx(0.75)  # the two confused pairs miss
+    # Without hidden boxes there is no precision, and selection is unchanged.
+    plain = label_target_set(LocalisingModel(), halves, build_views(["identity", "hflip", "scale_0.5"]), 1, cfg)
+    assert "precision@0.5" not in plain.summary() and np.array_equal(plain.keep, rnd.keep)

@@ -5,6 +5,7 @@
 - :mod:`.views` — augmented views with exact box mapping back (``build_views``).
 - :mod:`.pseudo` — the pseudo box generator: ``predict_views`` per batch, then
   ``score_and_select`` over the whole target set, ``build_pseudo_labels``.
+- :mod:`.selftrain` — one in-process labelling round (``label_target_set``).
 - :mod:`.mmd`, :mod:`.grl` — the building blocks.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from .aligner import (ADVERSARIAL, CONDITIONAL, MARGINAL_IMAGE, MARGINAL_QUERY, 
 from .grl import GradientReversal, grad_reverse, grl_coefficient
 from .mmd import joint_mk_mmd, mk_mmd
 from .pseudo import (attach_pseudo_boxes, build_pseudo_labels, concat_predictions, kept_fraction, predict_views,
-                     pseudo_box_precision, retrieval_hits, score_and_select)
+                     retrieval_hits, score_and_select)
+from .selftrain import LabelRound, label_target_set
 from .views import View, build_view, build_views
 
 __all__ = [
@@ -23,5 +25,5 @@ __all__ = [
     "GradientReversal", "grad_reverse", "grl_coefficient", "mk_mmd", "joint_mk_mmd",
     "View", "build_view", "build_views",
     "predict_views", "concat_predictions", "retrieval_hits", "score_and_select", "kept_fraction",
-    "build_pseudo_labels", "attach_pseudo_boxes", "pseudo_box_precision",
+    "build_pseudo_labels", "attach_pseudo_boxes", "LabelRound", "label_target_set",
 ]

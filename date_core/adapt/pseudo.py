@@ -57,7 +57,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Sequence[View],
-                  consensus: str = "median") -> dict[str, np.ndarray]:
+                  consensus: str = "median", keep_annotations: bool = False) -> dict[str, np.ndarray]:
     """Predict one target batch under every view; the per-pair part of pseudo-labelling.
 
     Args:
@@ -67,6 +67,9 @@ def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Seque
         batch: a batch (see :mod:`date_core.batch`) as tensors or numpy arrays.
         views: the views (see :func:`date_core.adapt.views.build_views`).
         consensus: ``median`` (default) or ``mean`` of the mapped-back xyxy boxes.
+        keep_annotations: also pass the batch's hidden target annotations through as
+            ``gt_boxes``, ``gt_has_box``, ``gt_alt_boxes``, ``gt_alt_mask`` to *monitor*
+            pseudo-label precision; nothing in the selection reads them.
     Returns numpy arrays (N = batch size, V = number of views):
         ``view_boxes [N, V, 4]`` cxcywh in the original square, clipped to [0, 1];
         ``box [N, 4]`` consensus, cxcywh; ``agreement [N]`` mean pairwise IoU of the views'
@@ -121,6 +124,10 @@ def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Seque
     for key in (B.PAIR_KEY, B.IMAGE_KEY, B.ORIG_SIZE):
         if key in batch:
             result[key] = np.asarray(torch.as_tensor(batch[key]).cpu().numpy())
+    if keep_annotations:
+        for key in (B.BOXES, B.HAS_BOX, B.ALT_BOXES, B.ALT_MASK):
+            if key in batch:
+                result[f"gt_{key}"] = np.asarray(torch.as_tensor(batch[key]).cpu().numpy())
     return result
 
 
@@ -271,13 +278,3 @@ def attach_pseudo_boxes(batch: Mapping[str, Any], labels: Mapping[str, np.ndarra
             out[key] = out[key] * 0
     return out
 
-
-def pseudo_box_precision(boxes: np.ndarray, gt_boxes: np.ndarray, threshold: float = 0.5) -> float:
-    """Fraction of pseudo boxes ``[M, 4]`` whose IoU with the hidden target box ``[M, 4]``
-    (both cxcywh) is >= ``threshold``; NaN when M = 0. For monitoring only."""
-    boxes = np.asarray(boxes).reshape(-1, 4)
-    if boxes.shape[0] == 0:
-        return float("nan")
-    iou = box_iou(cxcywh_to_xyxy(torch.as_tensor(boxes, dtype=torch.float64)),
-                  cxcywh_to_xyxy(torch.as_tensor(np.asarray(gt_boxes).reshape(-1, 4), dtype=torch.float64)))
-    return float((iou >= threshold).double().mean())
