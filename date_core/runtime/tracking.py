@@ -1,0 +1,172 @@
+"""MLflow glue: tracking URI, runs that resume by name, flat params, metrics from workers,
+and the seeker as a registered model version.
+
+Tracking URI: ``MLFLOW_TRACKING_URI``, else a local SQLite file (``runs/mlflow.db``) with
+artifacts under ``runs/mlartifacts``. The registry uses aliases (``challenger``,
+``champion``), never the deprecated stages.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from date_core.config import flatten
+
+RUN_NAME_TAG = "date.run_name"
+STAGE_TAG = "date.stage"
+DEFAULT_DIR = Path("runs")
+MODEL_ARTIFACT = "model"
+CHECKPOINT_KEY = "checkpoint"
+_MAX_PARAM_LEN = 6000
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` or the default local SQLite store (absolute, so that Ray workers
+    with another working directory log to the same file)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
+
+
+def setup(experiment: str, uri: str | None = None) -> str:
+    """Point this process at the tracking server and experiment; returns the experiment id."""
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        # A file store beside the database, not ./mlruns of whatever directory we run in.
+        location = (DEFAULT_DIR / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
+
+
+def find_run(experiment_id: str, run_name: str, parent_run_id: str | None = None, uri: str | None = None):
+    """The latest run of this experiment tagged with ``run_name`` (and ``parent_run_id``), or None."""
+    query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = MlflowClient(uri or tracking_uri()).search_runs(
+        [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def start_or_resume(experiment_id: str, run_name: str, stage: str, parent_run_id: str | None = None,
+                    uri: str | None = None) -> tuple[str, bool]:
+    """The id of the run named ``run_name`` (created if new); ``True`` when it already existed.
+
+    Re-running a command with the same run name continues the same MLflow run, as the Ray
+    Train run continues from its checkpoint.
+    """
+    client = MlflowClient(uri or tracking_uri())
+    run = find_run(experiment_id, run_name, parent_run_id, uri)
+    if run is not None:
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id, True
+    tags = {RUN_NAME_TAG: run_name, STAGE_TAG: stage}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    return run.info.run_id, False
+
+
+def log_config(run_id: str, cfg: Mapping[str, Any], uri: str | None = None) -> None:
+    """The full resolved config as flat ``a.b.c`` params (skipped when already logged: params
+    are immutable, and a resumed run has them)."""
+    client = MlflowClient(uri or tracking_uri())
+    if client.get_run(run_id).data.params:
+        return
+    params = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg).items())]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow's name for a metric: it refuses ``@``, so ``live_test/pg/acc@0.5`` is logged as
+    ``live_test/pg/acc_at_0.5`` (JSON files and tables keep the ``@`` names)."""
+    return name.replace("@", "_at_")
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int, uri: str | None = None) -> None:
+    """Log the finite numeric entries of ``metrics`` at ``step`` (strings and NaNs are skipped)."""
+    now = int(time.time() * 1000)
+    items = [Metric(mlflow_key(k), float(v), now, int(step)) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    for i in range(0, len(items), 500):
+        MlflowClient(uri or tracking_uri()).log_batch(run_id, metrics=items[i:i + 500])
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    MlflowClient(uri or tracking_uri()).set_terminated(run_id, status=status)
+
+
+class SeekerModel(mlflow.pyfunc.PythonModel):
+    """The seeker as an MLflow pyfunc: ``predict`` takes a DataFrame with a ``query`` column and
+    returns query embeddings; the checkpoint folder is the ``checkpoint`` artifact, which
+    ``pipelines/evaluate.py`` and :func:`date_core.load_seeker` use directly."""
+
+    def load_context(self, context) -> None:  # pragma: no cover - exercised through mlflow
+        from date_core.inference import load_seeker
+
+        self.seeker = load_seeker(context.artifacts[CHECKPOINT_KEY])
+
+    def predict(self, context, model_input, params=None):  # pragma: no cover
+        return self.seeker.encode_queries(list(model_input["query"])).numpy()
+
+
+def log_and_register(run_id: str, checkpoint_dir: str | Path, registered_model: str,
+                     metrics: Mapping[str, float], uri: str | None = None) -> str:
+    """Log ``checkpoint_dir`` as the run's pyfunc model and register it as a new version of
+    ``registered_model`` carrying ``metrics`` as version tags; returns the version number."""
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=SeekerModel(),
+            artifacts={CHECKPOINT_KEY: str(checkpoint_dir)},
+            # Explicit requirements: inferring them imports and inspects the whole environment.
+            pip_requirements=["date-on-ray", "torch", "transformers", "tokenizers"],
+        )
+    version = mlflow.register_model(info.model_uri, registered_model)
+    client = MlflowClient(uri)
+    client.set_model_version_tag(registered_model, version.version, "run_id", run_id)
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and math.isfinite(float(value)):
+            client.set_model_version_tag(registered_model, version.version, mlflow_key(key), f"{float(value):.6f}")
+    return str(version.version)
+
+
+def download_checkpoint(model_uri: str, dst: str | Path | None = None) -> Path:
+    """A local seeker checkpoint folder from an MLflow URI (``models:/name@alias``,
+    ``models:/name/3``, ``runs:/<id>/model``) or a local folder (returned as is)."""
+    if "://" not in model_uri or model_uri.startswith("file://"):
+        path = Path(model_uri.removeprefix("file://"))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a seeker checkpoint folder (no config.json)")
+        return path
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    dst = Path(dst or tempfile.mkdtemp(prefix="date-model-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    for candidate in (local / "artifacts" / Path(str(CHECKPOINT_KEY)), *local.rglob("config.json")):
+        folder = candidate if candidate.is_dir() else candidate.parent
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    shutil.rmtree(dst, ignore_errors=True)
+    raise FileNotFoundError(f"{model_uri}: no seeker checkpoint inside the downloaded model")

@@ -1,0 +1,299 @@
+"""Supervised (and domain-adaptive) training on Ray Train V2, read top to bottom as a recipe:
+
+1. datasets: Ray Data reads Parquet, decodes and letterboxes on its own CPUs
+   (:func:`make_datasets`), Ray Train splits ``train``/``target`` across workers and gives every
+   worker the whole ``val`` set;
+2. the per-worker loop (:func:`train_loop_per_worker`) builds the model, restores the latest
+   checkpoint (model, optimiser, scheduler, step, data position), wraps the model in DDP and
+   calls the library's :func:`date_core.engine.train_step` per batch;
+3. checkpoints every ``train.checkpoint_every`` optimiser steps and at each epoch end, with the
+   validation PR + PG metrics of rank 0;
+4. the trainer (:func:`build_trainer`): ``ScalingConfig``, ``FailureConfig(max_failures)``, and a
+   ``RunConfig`` whose name makes a re-run continue from the last checkpoint.
+
+Rank 0 alone logs to MLflow (the run id travels in the loop config).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from date_core.data import storage
+from date_core.data.transforms import BatchTransform
+from date_core.runtime.dataio import read_pairs
+
+TRAIN_STATE = "train_state.pt"
+MODEL_DIR = "model"
+_TRANSFORMS: dict[tuple, BatchTransform] = {}
+
+
+# ----------------------------------------------------------------------------- datasets
+def _transform(batch: dict, tokenizer: str, image_size: int, max_text_len: int, train: bool) -> dict:
+    """Ray Data task: contract rows -> model batch. The transform (and its tokenizer) is cached
+    per worker process, so tasks pay for loading it once, not per batch."""
+    key = (tokenizer, image_size, max_text_len, train)
+    if key not in _TRANSFORMS:
+        _TRANSFORMS[key] = BatchTransform(tokenizer, image_size, max_text_len, train=train)
+    return _TRANSFORMS[key](batch)
+
+
+def transformed(ds: ray.data.Dataset, tokenizer: str, image_size: int, max_text_len: int, train: bool,
+                batch_size: int = 64) -> ray.data.Dataset:
+    """``ds`` of contract rows -> a dataset of model batches (decode + letterbox + tokenise)."""
+    return ds.map_batches(_transform, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs=dict(tokenizer=tokenizer, image_size=image_size,
+                                         max_text_len=max_text_len, train=train))
+
+
+def make_datasets(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenizer: str,
+                  target: ray.data.Dataset | None = None) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+    """The ``train`` / ``val`` (/ ``target``) datasets of a run and their row counts.
+
+    ``target`` (rows of the target domain, possibly joined with pseudo boxes) is passed in by
+    the adaptation stage. Counts come from Parquet metadata before any decoding.
+    """
+    data = cfg["data"]
+    size, max_len = int(model_cfg["image_size"]), int(model_cfg["max_text_len"])
+    train_rows = read_pairs(data["root"], data["source_domain"], data["train_split"], shuffle_files=True)
+    val_rows = read_pairs(data["root"], data["source_domain"], data["val_split"])
+    if data.get("max_val_pairs"):
+        val_rows = val_rows.limit(int(data["max_val_pairs"]))
+    counts = {"train": train_rows.count(), "val": val_rows.count()}
+    datasets = {
+        "train": transformed(train_rows, tokenizer, size, max_len, train=True),
+        "val": transformed(val_rows, tokenizer, size, max_len, train=False),
+    }
+    if target is not None:
+        counts["target"] = target.count()
+        datasets["target"] = transformed(target, tokenizer, size, max_len, train=True)
+    return datasets, counts
+
+
+# ----------------------------------------------------------------------------- worker loop
+def _cycle(make_iter):
+    """Endless iterator over a re-creatable iterable (the target shard is cycled under the source)."""
+    while True:
+        empty = True
+        for item in make_iter():
+            empty = False
+            yield item
+        if empty:
+            raise RuntimeError("the target dataset shard is empty")
+
+
+def _save(tmp: str, model, optimizer, scheduler, aligner, tokenizer, state: dict, metrics: dict) -> Checkpoint:
+    from date_core.inference import save_checkpoint
+
+    save_checkpoint(model, Path(tmp) / MODEL_DIR, tokenizer, extra={"step": state["step"], "metrics": metrics})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "aligner": aligner.state_dict() if aligner is not None else None, **state},
+               Path(tmp) / TRAIN_STATE)
+    return Checkpoint.from_directory(tmp)
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    """One data-parallel worker. ``loop_cfg``: ``cfg`` (the resolved run config), ``tokenizer``
+    (folder), ``vocab_size``, ``counts`` (rows per dataset), ``mlflow`` ({uri, run_id} or None),
+    ``init_from`` (checkpoint folder to start from when no run checkpoint exists), ``tag``
+    (metric prefix of the validation split, e.g. ``mall_val``)."""
+    from date_core import build_model
+    from date_core.engine import build_optimizer, build_scheduler, evaluate, train_step
+    from date_core.inference import load_model
+    from date_core.losses import build_criterion
+    from date_core.text import load_tokenizer
+
+    cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]
+    tcfg, rcfg = cfg["train"], cfg["runtime"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(rcfg.get("torch_threads") or rcfg.get("cpus_per_worker") or 1)))
+    torch.manual_seed(int(tcfg["seed"]) + rank)
+    autocast = torch.bfloat16 if device.type == "cuda" and tcfg.get("bf16", True) else None
+
+    # -- model, losses, optimiser: a fresh model, or the adaptation's previous round
+    if loop_cfg.get("init_from"):
+        model = load_model(loop_cfg["init_from"])
+    else:
+        mcfg = dict(cfg["model"].get("overrides") or {})
+        model = build_model(cfg["model"]["preset"], vocab_size=loop_cfg["vocab_size"], **mcfg)
+    tokenizer = load_tokenizer(storage.localize_dir(loop_cfg["tokenizer"]))
+    criterion = build_criterion(cfg["loss"])
+    aligner = None
+    if "target" in counts and loop_cfg.get("align", False):
+        from date_core.adapt import build_aligner
+
+        aligner = build_aligner(cfg["adapt"], token_dim=model.config.hidden_size,
+                                num_tokens=model.config.num_semantic_tokens, fused_dim=model.config.hidden_size)
+    model.to(device)
+    if aligner is not None:
+        aligner.to(device)
+    optimizer = build_optimizer(model, tcfg, extra_modules=[aligner] if aligner is not None else ())
+    bs, accum = int(tcfg["batch_size"]), int(tcfg.get("grad_accum", 1))
+    steps_per_epoch = max(1, counts["train"] // world // bs // accum)
+    total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
+    epochs = -(-total_steps // steps_per_epoch)
+    scheduler = build_scheduler(optimizer, int(tcfg.get("warmup_steps", 0)), total_steps)
+
+    # -- resume: the run's latest checkpoint wins over everything
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            trained = load_model(Path(ckpt_dir) / MODEL_DIR)
+            model.load_state_dict(trained.state_dict())
+            saved = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location=device, weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if aligner is not None and saved.get("aligner"):
+            aligner.load_state_dict(saved["aligner"])
+        state = {k: int(saved[k]) for k in state}
+        start_step = state["step"]
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at step {start_step} (epoch {state['epoch']})", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    tracker = _Tracker(loop_cfg.get("mlflow"), rank)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    target_iter = None
+    if "target" in counts:
+        target_shard = ray.train.get_dataset_shard("target")
+        target_iter = _cycle(lambda: target_shard.iter_torch_batches(batch_size=bs, drop_last=True))
+
+    tag = loop_cfg.get("tag", "val")
+    t0, last_log = time.time(), {}
+    micro = 0
+    while state["step"] < total_steps:
+        skip = state["batch_in_epoch"]
+        batches = train_shard.iter_torch_batches(batch_size=bs, drop_last=True,
+                                                 local_shuffle_buffer_size=4 * bs,
+                                                 local_shuffle_seed=int(tcfg["seed"]) + state["epoch"])
+        for i, batch in enumerate(batches):
+            if i < skip:  # data position: the batches this epoch already trained on
+                continue
+            if state["batch_in_epoch"] >= steps_per_epoch * accum or state["step"] >= total_steps:
+                break
+            logs = train_step(model, criterion, batch, optimizer, scheduler,
+                              target_batch=next(target_iter) if target_iter is not None else None,
+                              aligner=aligner, grad_accum=accum, micro_step=micro,
+                              autocast_dtype=autocast, device=device)
+            micro += 1
+            state["batch_in_epoch"] += 1
+            if not logs["stepped"]:
+                continue
+            state["step"] += 1
+            last_log = {f"train/{k}": v for k, v in logs.items() if k != "stepped"}
+            if rank == 0 and state["step"] % int(tcfg.get("log_every", 20)) == 0:
+                tracker.log(last_log, state["step"])
+                _progress(state, total_steps, start_step, t0, logs)
+            if state["step"] % int(tcfg["checkpoint_every"]) == 0 and state["step"] < total_steps:
+                _report(model, optimizer, scheduler, aligner, tokenizer, state, rank,
+                        {**last_log, "step": state["step"], "start_step": start_step})
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        # -- epoch end: validation on rank 0 (the unsplit val set), then a checkpoint
+        metrics = {**last_log, "step": state["step"], "epoch": state["epoch"], "start_step": start_step}
+        if rank == 0:
+            val = evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(batch_size=bs),
+                           device=device, autocast_dtype=autocast)
+            metrics.update({f"{tag}/{k}": v for k, v in val.items()})
+            tracker.log(metrics, state["step"])
+            print(f"[train] epoch {state['epoch']}/{epochs} step {state['step']}/{total_steps} "
+                  f"{tag}: pg/acc@0.5={val.get('pg/acc@0.5', float('nan')):.3f} "
+                  f"pr/R@1={val.get('pr/R@1', float('nan')):.3f}", flush=True)
+        _report(model, optimizer, scheduler, aligner, tokenizer, state, rank, metrics)
+        if state["epoch"] >= epochs:
+            break
+
+
+def _report(model, optimizer, scheduler, aligner, tokenizer, state, rank, metrics) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _save(tmp, model, optimizer, scheduler, aligner, tokenizer, state, metrics) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _progress(state: dict, total: int, start: int, t0: float, logs: dict) -> None:
+    done = state["step"] - start
+    rate = done / max(1e-6, time.time() - t0)
+    eta = (total - state["step"]) / max(rate, 1e-6)
+    print(f"[train] step {state['step']}/{total} epoch {state['epoch'] + 1} loss {logs['loss/total']:.3f} "
+          f"lr {logs['lr']:.2e} {rate:.2f} steps/s ETA {eta / 60:.1f} min", flush=True)
+
+
+class _Tracker:
+    """MLflow logging from rank 0 only (no-op elsewhere and when tracking is off)."""
+
+    def __init__(self, spec: Mapping[str, str] | None, rank: int):
+        self.spec = spec if rank == 0 else None
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.spec:
+            from date_core.runtime import tracking
+
+            tracking.log_metrics(self.spec["run_id"], metrics, step, uri=self.spec["uri"])
+
+
+# ----------------------------------------------------------------------------- trainer
+def run_config(cfg: Mapping[str, Any], name: str) -> RunConfig:
+    """Storage (local path or ``s3://``, with the endpoint from the AWS environment), failure
+    handling and checkpoint retention of a run called ``name`` (same name = resume)."""
+    storage_uri = str(cfg["runtime"]["storage"])
+    if storage.is_s3(storage_uri):
+        fs, path = storage.resolve_filesystem(storage_uri)
+        where = dict(storage_path=path, storage_filesystem=fs)
+    else:
+        where = dict(storage_path=str(Path(storage_uri).resolve()))
+    return RunConfig(
+        name=name, **where,
+        failure_config=FailureConfig(max_failures=int(cfg["runtime"].get("max_failures", 2))),
+        checkpoint_config=CheckpointConfig(num_to_keep=int(cfg["runtime"].get("keep_checkpoints", 2))),
+    )
+
+
+def build_trainer(cfg: Mapping[str, Any], name: str, datasets: dict, loop_cfg: dict) -> TorchTrainer:
+    """A ``TorchTrainer`` over ``datasets`` (``train`` and ``target`` split across workers)."""
+    rt = cfg["runtime"]
+    scaling = ScalingConfig(
+        num_workers=int(rt["num_workers"]), use_gpu=bool(rt["use_gpu"]),
+        resources_per_worker={"CPU": float(rt.get("cpus_per_worker", 1))},
+        placement_strategy=str(rt.get("placement_strategy", "PACK")),
+    )
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
+        run_config=run_config(cfg, name), datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[k for k in ("train", "target") if k in datasets]),
+    )
+
+
+def checkpoint_model_dir(checkpoint: Checkpoint, dst: str | Path) -> Path:
+    """Copy the model folder of a run checkpoint (local or ``s3://``) to ``dst``."""
+    dst = Path(dst)
+    with checkpoint.as_directory() as ckpt_dir:
+        import shutil
+
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(Path(ckpt_dir) / MODEL_DIR, dst)
+    return dst
+
+
+def checkpoint_step(model_dir: str | Path) -> int:
+    """The optimiser step a saved model folder was written at."""
+    meta = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(meta.get("extra", {}).get("step", 0))
+
+
+__all__ = ["build_trainer", "make_datasets", "train_loop_per_worker", "run_config", "transformed",
+           "checkpoint_model_dir", "checkpoint_step"]

@@ -1,0 +1,46 @@
+"""Shared command-line plumbing of the pipeline stages: ``--config``, ``--set``, printing the
+resolved config, and making ``date_core`` importable when run as ``python pipelines/X.py``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python pipelines/x.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray Data's live progress bars turn the logs of non-interactive jobs into megabytes of noise;
+# the stages print their own progress (step, ETA). Read by Ray Data at import time.
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every stage shares."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML config merged over the packaged defaults (date_core/configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
+                        help="override one config value (YAML syntax, repeatable), e.g. --set train.epochs=2")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
+    """Resolve and print the config; exits with one clear line on a bad file or override."""
+    import yaml
+
+    from date_core.config import resolve_config
+
+    try:
+        cfg = resolve_config(args.config, args.overrides)
+    except (OSError, ValueError, KeyError) as exc:
+        sys.exit(f"{stage}: bad configuration: {exc}")
+    print(f"[{stage}] resolved config:\n" + yaml.safe_dump(cfg, sort_keys=False).rstrip(), flush=True)
+    return cfg
