@@ -11,7 +11,8 @@ from PIL import Image
 
 from date_core.data.productworld import (CATEGORIES, Item, ProductWorldConfig, catalogue,
                                          iter_rows, parse_item_id, render_images, render_scenes)
-from date_core.data.productworld.blind import BLIND_LIMITS, blind_baselines, box_iou, scene_stats
+from date_core.data.productworld.blind import (BLIND_LIMITS, blind_baselines, box_iou, colour_reader,
+                                               scene_stats)
 from date_core.data.productworld.catalogue import BRANDS, CATEGORY_WORDS, FINISH_WORDS, PATTERN_WORDS
 from date_core.data.productworld.queries import SPATIAL_WORDS
 from date_core.data.productworld.shapes import draw_product
@@ -128,6 +129,17 @@ def test_query_blind_baselines_stay_below_limits(scenes):
         result = blind_baselines(scenes[domain])
         for name, score in result.items():
             assert score["acc@0.5"] <= limit, (domain, name, score)
+
+
+def test_reading_the_query_beats_ignoring_it(scenes):
+    # Even a reader of the colour word alone beats the best blind pick, and the live camera
+    # (cast, noise, small targets) makes the same reading harder: the domain gap is visible.
+    gains = {}
+    for domain in ("mall", "live"):
+        blind = blind_baselines(scenes[domain])["largest"]["acc@0.5"]
+        gains[domain] = colour_reader(scenes[domain])["acc@0.5"] - blind
+        assert gains[domain] >= 0.1, (domain, gains[domain])
+    assert colour_reader(scenes["live"])["acc@0.5"] < colour_reader(scenes["mall"])["acc@0.5"]
 
 
 def test_distractors_share_category_or_colour(scenes):

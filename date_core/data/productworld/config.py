@@ -38,7 +38,7 @@ class DomainStyle:
     same_colour_prob: float = 0.30
     duplicate_prob: float = 0.06
     #: Largest allowed overlap of two products, as intersection over the smaller box.
-    max_overlap: float = 0.2
+    max_overlap: float = 0.1
     #: Background: "studio" (light plain/gradient) or "room" (textured, shelves, table).
     background: str = "studio"
     #: Number of background clutter shapes (range), and texture noise amplitude (0-255).

@@ -31,6 +31,8 @@ class Product:
     box: Box
     held: bool = False
     on_table: bool = False
+    #: Longest side of the drawn silhouette in pixels (the box adds a 1-px outline).
+    longest: float = 0.0
 
 
 @dataclass
@@ -110,26 +112,28 @@ def _layout(rng: np.random.Generator, items: list[Item], style: DomainStyle,
         longest = scale * h
         on_table = table_y is not None and i != held_idx and rng.random() < 0.75
         floor = (table_y + 0.25 * (h - table_y), h) if on_table else None
-        best, best_score, best_size = None, float("inf"), None
+        # (position, worst overlap, (w, h) of the box, longest side of the silhouette)
+        best: tuple = (None, float("inf"), None, None)
+        longest = min(longest, 0.97 * min(w, h))
         for _ in range(6):
-            pw, ph = product_size(item.category, min(longest, 0.98 * h))
-            pw, ph = min(pw, w), min(ph, h)
+            pw, ph = product_size(item.category, longest)
+            pw, ph = pw + 2, ph + 2  # the drawn product carries a 1-px outline on each side
             if i == held_idx:
                 hx, hy = hands
-                best = (int(np.clip(hx - pw / 2, 0, w - pw)), int(np.clip(hy - 0.6 * ph, 0, h - ph)))
-                best_size = (pw, ph)
+                pos = (int(np.clip(hx - pw / 2, 0, w - pw)), int(np.clip(hy - 0.6 * ph, 0, h - ph)))
+                best = (pos, 0.0, (pw, ph), longest)
                 break
             pos, score = place(rng, (pw, ph), (w, h), placed, floor)
-            if score < best_score:
-                best, best_score, best_size = pos, score, (pw, ph)
+            if score < best[1]:
+                best = (pos, score, (pw, ph), longest)
             if score <= style.max_overlap:
                 break
             longest *= 0.88  # crowded: shrink and retry rather than overlap heavily
         # If no try met max_overlap, the least-overlapping one is kept rather than drop a product.
-        pos, (pw, ph) = best, best_size
+        pos, _, (pw, ph), longest = best
         box = (float(pos[0]), float(pos[1]), float(pos[0] + pw), float(pos[1] + ph))
         placed.append(box)
-        products[i] = Product(item, box, held=(i == held_idx), on_table=on_table)
+        products[i] = Product(item, box, held=(i == held_idx), on_table=on_table, longest=longest)
     return products  # type: ignore[return-value]
 
 
@@ -138,13 +142,14 @@ def _paste_products(img: Image.Image, products: list[Product], shadow: bool,
     """Draw back to front (by bottom edge, held product last); the box becomes the drawn
     silhouette's tight box (the layout box is its upper bound)."""
     order = sorted(range(len(products)), key=lambda i: (products[i].held, products[i].box[3]))
+    backdrop = img.copy() if shadow else None  # shadows take the backdrop's colour, not a product's
     for i in order:
         p = products[i]
-        longest = max(p.box[2] - p.box[0], p.box[3] - p.box[1])
-        rgb, mask, outline = draw_product(p.item, longest)
+        rgb, mask, outline = draw_product(p.item, p.longest)
         x, y = int(p.box[0]), int(p.box[1])
-        if shadow:
-            shade = tuple(int(c * 0.8) for c in img.getpixel((min(x, img.width - 1), min(y, img.height - 1))))
+        if backdrop is not None:
+            below = backdrop.getpixel((min(x, img.width - 1), min(y, img.height - 1)))
+            shade = tuple(int(c * 0.8) for c in below)
             img.paste(shade, (x + 3, y + 3), outline)
         img.paste((34, 34, 38), (x, y), outline)
         img.paste(rgb, (x, y), mask)
