@@ -132,15 +132,20 @@ def describe(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tqdm import tqdm
-
+    """Parse and check everything that can fail structurally, then start Ray and do the work."""
+    from date_core.data.assemble import assemble
+    from date_core.data.outputs import check_output, prepare_output
     from date_core.data.splits import parse_fractions
-    from date_core.runtime import dataio
 
     fractions = parse_fractions(args.splits)
+    check_output(args.out, args.overwrite)
     common = dict(fractions=fractions, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                  shard_mb=args.shard_mb, overwrite=args.overwrite, num_cpus=args.num_cpus,
+                  shard_mb=args.shard_mb, num_cpus=args.num_cpus,
                   meta={"command": " ".join(["prepare.py", *args.argv])})
+    if args.tokenizer:
+        from date_core.text import load_tokenizer
+
+        load_tokenizer(args.tokenizer)  # a bad path fails now, not after the whole run
     if args.command == "synth":
         config = None
         if args.world_config:
@@ -148,8 +153,10 @@ def run(args: argparse.Namespace) -> dict:
             from date_core.data.productworld import ProductWorldConfig
 
             config = ProductWorldConfig.from_dict(load_yaml(args.world_config))
+        from date_core.runtime import dataio
+
         return dataio.prepare_synth(args.out, args.mall, args.live, args.seed, config=config,
-                                    images_per_block=args.images_per_task, **common)
+                                    images_per_block=args.images_per_task, overwrite=args.overwrite, **common)
     if args.command == "manifest":
         from date_core.data.manifest import iter_manifest
 
@@ -162,8 +169,13 @@ def run(args: argparse.Namespace) -> dict:
         from date_core.data.product1m import iter_product1m
 
         items = iter_product1m(args.file, args.images, args.domain)
-    bar = lambda it: tqdm(it, desc="[prepare] parse", unit=" rows", mininterval=1.0)  # noqa: E731
-    return dataio.prepare_records(items, args.out, progress=bar, **common)
+    from tqdm import tqdm
+
+    asm = assemble(tqdm(items, desc="[prepare] parse", unit=" rows", mininterval=1.0), fractions)
+    prepare_output(args.out, args.overwrite)  # only now: a structural error must not cost the old data
+    from date_core.runtime import dataio
+
+    return dataio.prepare_records(asm, args.out, **common)
 
 
 def main(argv: list[str] | None = None) -> int:

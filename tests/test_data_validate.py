@@ -41,7 +41,8 @@ def test_box_checks():
             V.check_box(box, 20, 20)
         assert exc.value.reason == V.DEGENERATE_BOX
     for bad, reason in (("1,2,3,4", V.BAD_TYPE), ([1, 2, 3], V.BAD_BOX), ([1, 2, "x", 4], V.BAD_TYPE),
-                        ([1, 2, float("nan"), 4], V.BAD_BOX), ([1, True, 3, 4], V.BAD_TYPE)):
+                        ([1, 2, float("nan"), 4], V.BAD_BOX), ([1, True, 3, 4], V.BAD_TYPE),
+                        ({"x1": 1, "y1": 2, "x2": 3, "y2": 4}, V.BAD_TYPE), (5, V.BAD_TYPE)):
         with pytest.raises(V.Rejection) as exc:
             V.coerce_box(bad)
         assert exc.value.reason == reason, bad

@@ -7,23 +7,34 @@ from typing import Any, Iterable
 
 import pyarrow.fs as pafs
 
-from ..text import load_tokenizer, train_wordpiece
 from . import io, storage
 from .schema import REJECTED_DIR, SUMMARY_FILE, TOKENIZER_DIR, DataError
 from .summary import RunSummary
+
+
+def _existing(out: str) -> tuple[list[tuple[str, str]], list[str]]:
+    old = io.list_datasets(out)
+    leftovers = [p for p in (SUMMARY_FILE, REJECTED_DIR, TOKENIZER_DIR) if storage.exists(storage.join(out, p))]
+    return old, leftovers
+
+
+def check_output(out: str, overwrite: bool = False) -> None:
+    """Raise :class:`DataError` when ``out`` holds a prepared dataset and ``overwrite`` is off
+    (checked before a long run starts; nothing is deleted here)."""
+    old, leftovers = _existing(out)
+    if (old or leftovers) and not overwrite:
+        raise DataError(out, "already holds a prepared dataset; pass --overwrite to replace it")
 
 
 def prepare_output(out: str, overwrite: bool = False) -> None:
     """Refuse to mix a new run into an existing dataset at ``out``; with ``overwrite``, delete
     what an earlier run wrote there (its domain/split folders, rejected/, tokenizer/, summary)
     and nothing else."""
-    old = io.list_datasets(out)
-    leftovers = [p for p in (SUMMARY_FILE, REJECTED_DIR, TOKENIZER_DIR) if storage.exists(storage.join(out, p))]
+    check_output(out, overwrite)
+    old, leftovers = _existing(out)
     if not old and not leftovers:
         storage.makedirs(out)
         return
-    if not overwrite:
-        raise DataError(out, "already holds a prepared dataset; pass --overwrite to replace it")
     fs, base = storage.resolve_filesystem(out)
     for domain in sorted({d for d, _ in old}):
         fs.delete_dir(f"{base}/{domain}")
@@ -50,6 +61,8 @@ def save_tokenizer(out: str, *, pretrained: str | None = None, domains: Iterable
     tokenizer is trained on the *train* queries of ``domains`` (read back from what was
     written, so it sees exactly the kept rows). S3 outputs are saved locally, then uploaded.
     """
+    from ..text import load_tokenizer, train_wordpiece  # transformers: only when a run gets here
+
     if pretrained:
         tok = load_tokenizer(pretrained)
         info: dict[str, Any] = {"source": "pretrained", "path": str(pretrained)}

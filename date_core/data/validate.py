@@ -74,7 +74,7 @@ def coerce_box(value: Any, field: str = "box") -> list[float] | None:
     """
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
         raise Rejection(BAD_TYPE, f"{field} must be a list of 4 numbers, got {type(value).__name__}")
     if len(value) != 4:
         raise Rejection(BAD_BOX, f"{field} must have 4 numbers, got {len(value)}")

@@ -27,7 +27,7 @@ from ray.data import Dataset
 from ray.data.datasource import Datasink, WriteResult
 
 from date_core.data import io, storage
-from date_core.data.assemble import assemble, estimate_row_bytes
+from date_core.data.assemble import Assembled, assemble, estimate_row_bytes
 from date_core.data.ingest import ingest_batch, records_table, split_staged
 from date_core.data.outputs import prepare_output, save_tokenizer, write_parse_rejects
 from date_core.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, REJECTED_DIR, REJECTED_SCHEMA, DataError, check_pair_schema
@@ -228,15 +228,22 @@ def _finish(out: str, summary: RunSummary, *, tokenizer: str | None, vocab_size:
     return summary.write(out, **meta, tokenizer=tok_info)
 
 
-def prepare_records(items: Iterable[Mapping[str, Any]], out: str, *, fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
-                    tokenizer: str | None = None, vocab_size: int = 8000, shard_mb: float = DEFAULT_SHARD_MB,
-                    overwrite: bool = False, meta: Mapping[str, Any] | None = None,
-                    progress: Any = None, num_cpus: int | None = None) -> dict[str, Any]:
+def prepare_records(items: Iterable[Mapping[str, Any]] | Assembled, out: str, *,
+                    fractions: Mapping[str, float] = DEFAULT_FRACTIONS, tokenizer: str | None = None,
+                    vocab_size: int = 8000, shard_mb: float = DEFAULT_SHARD_MB, overwrite: bool = False,
+                    meta: Mapping[str, Any] | None = None, num_cpus: int | None = None) -> dict[str, Any]:
     """A whole prepare run over parser output (manifest / VOC / Product1M records and
-    rejections): assemble (duplicates, splits) -> Ray ingest -> tokenizer -> ``_summary.json``.
-    Returns the summary dict. ``progress`` wraps ``items`` (e.g. a tqdm factory)."""
-    prepare_output(out, overwrite)
-    asm = assemble(progress(items) if progress else items, fractions)
+    rejections, or their :class:`Assembled` form): assemble (duplicates, splits) -> Ray ingest
+    -> tokenizer -> ``_summary.json``. Returns the summary dict.
+
+    Passing an :class:`Assembled` lets a caller find structural errors (raised while parsing)
+    before Ray starts; it must then have called :func:`prepare_output` itself.
+    """
+    if isinstance(items, Assembled):
+        asm = items
+    else:
+        prepare_output(out, overwrite)
+        asm = assemble(items, fractions)
     summary = RunSummary()
     write_parse_rejects(out, asm.rejected, summary)
     ensure_ray(num_cpus)
