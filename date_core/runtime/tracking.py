@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -125,7 +126,7 @@ class SeekerModel(mlflow.pyfunc.PythonModel):
 
         self.seeker = load_seeker(context.artifacts[CHECKPOINT_KEY])
 
-    def predict(self, context, model_input, params=None):  # pragma: no cover
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # pragma: no cover
         return self.seeker.encode_queries(list(model_input["query"])).numpy()
 
 
@@ -155,7 +156,8 @@ def log_and_register(run_id: str, checkpoint_dir: str | Path, registered_model: 
 def download_checkpoint(model_uri: str, dst: str | Path | None = None) -> Path:
     """A local seeker checkpoint folder from an MLflow URI (``models:/name@alias``,
     ``models:/name/3``, ``runs:/<id>/model``) or a local folder (returned as is)."""
-    if "://" not in model_uri or model_uri.startswith("file://"):
+    if not model_uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) and "://" not in model_uri \
+            or model_uri.startswith("file://"):
         path = Path(model_uri.removeprefix("file://"))
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a seeker checkpoint folder (no config.json)")

@@ -122,7 +122,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     # -- model, losses, optimiser: a fresh model, or the adaptation's previous round
     if loop_cfg.get("init_from"):
-        model = load_model(loop_cfg["init_from"])
+        model = load_model(storage.localize_dir(loop_cfg["init_from"]))
     else:
         mcfg = dict(cfg["model"].get("overrides") or {})
         model = build_model(cfg["model"]["preset"], vocab_size=loop_cfg["vocab_size"], **mcfg)
@@ -162,6 +162,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {start_step} (epoch {state['epoch']})", flush=True)
     model = ray.train.torch.prepare_model(model)
+    # Where the workers run (one line in the report; the multi-node test reads it).
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1 and torch.distributed.is_initialized():
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     tracker = _Tracker(loop_cfg.get("mlflow"), rank)
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -203,7 +208,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
         # -- epoch end: validation on rank 0 (the unsplit val set), then a checkpoint
-        metrics = {**last_log, "step": state["step"], "epoch": state["epoch"], "start_step": start_step}
+        metrics = {**last_log, "step": state["step"], "epoch": state["epoch"], "start_step": start_step,
+                   "worker_nodes": ",".join(nodes)}
         if rank == 0:
             val = evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(batch_size=bs),
                            device=device, autocast_dtype=autocast)

@@ -1,0 +1,170 @@
+"""PG-DA, the main job: self-training rounds that carry grounding from the annotated source
+domain to the unannotated target domain, driver side.
+
+Recipe (each round its own Ray Train run and MLflow child run under one parent run)::
+
+    round r:  train on source boxes + alignment (+ the pseudo boxes of round r-1),
+              starting from round r-1's weights
+              -> label the target train split with a Ray Data actor pool
+              -> commit the pseudo-labels (Parquet, temp prefix then commit marker)
+              -> record the round in <storage>/<run>/pgda_state.json
+    end:      evaluate the final model on the target (and source) test split, register it,
+              print the results table
+
+Killed at any point, the same command with the same ``runtime.run_name`` continues: finished
+rounds are skipped (the state file), a round killed mid-training resumes from its last Ray
+Train checkpoint, and pseudo-labels of a round are either committed whole or written again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from date_core.data import storage
+from date_core.evaluation import evaluate_split
+from date_core.runtime import session, tracking
+from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target, pseudo_table, read_pseudo, target_with_pseudo
+from date_core.runtime.supervised import run_stage
+
+STATE_FILE = "pgda_state.json"
+
+
+def ensure_dataset(cfg: Mapping[str, Any]) -> None:
+    """Prepare the configured small ProductWorld set at ``data.root`` when it holds none
+    (the embedded default); an existing dataset is used as it is."""
+    data = cfg["data"]
+    if storage.exists(storage.join(data["root"], data["source_domain"], data["train_split"])):
+        return
+    synth = data.get("synth") or {}
+    from date_core.runtime.dataio import prepare_synth
+
+    print(f"[pgda] no dataset at {data['root']}: generating ProductWorld "
+          f"({synth.get('mall', 3000)} mall + {synth.get('live', 1500)} live images)", flush=True)
+    prepare_synth(data["root"], int(synth.get("mall", 3000)), int(synth.get("live", 1500)), int(synth.get("seed", 0)),
+                  meta={"command": "pgda.py embedded default"})
+
+
+def _state_uri(cfg: Mapping[str, Any], name: str) -> str:
+    return storage.join(str(cfg["runtime"]["storage"]), name, STATE_FILE)
+
+
+def load_state(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
+    uri = _state_uri(cfg, name)
+    if storage.exists(uri):
+        return json.loads(storage.read_bytes(uri))
+    return {"rounds": []}
+
+
+def _round_cfg(cfg: Mapping[str, Any], r: int) -> dict[str, Any]:
+    """Round r's training config: ``adapt.round_train`` overrides ``train`` from round 1 on
+    (later rounds start from trained weights and usually need fewer steps)."""
+    out = copy.deepcopy(dict(cfg))
+    if r > 0 and cfg["adapt"].get("round_train"):
+        out["train"].update(cfg["adapt"]["round_train"])
+    return out
+
+
+def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Run (or continue) the PG-DA job called ``name``; returns the results table's rows."""
+    data, adapt = cfg["data"], cfg["adapt"]
+    ensure_dataset(cfg)
+    experiment_id = tracking.setup(cfg["runtime"]["experiment"])
+    uri = tracking.tracking_uri()
+    parent_id, resumed = tracking.start_or_resume(experiment_id, name, "pgda", uri=uri)
+    tracking.log_config(parent_id, cfg, uri)
+    state = load_state(cfg, name)
+    rounds = int(adapt["rounds"])
+    print(f"[pgda] run {name}: {rounds} round(s), {data['source_domain']} -> {data['target_domain']}; "
+          f"MLflow parent run {parent_id} ({'resumed' if resumed else 'new'}); "
+          f"{len(state['rounds'])} round(s) already done", flush=True)
+    tok = session.tokenizer_dir(cfg)
+    base = storage.join(str(cfg["runtime"]["storage"]), name)
+    for r in range(len(state["rounds"]), rounds):
+        prev = state["rounds"][-1] if state["rounds"] else None
+        labels = read_pseudo(prev["pseudo"]) if prev else None
+        print(f"[pgda] round {r + 1}/{rounds}: source boxes + alignment"
+              + (f" + {int(labels['kept'].to_numpy().sum())} pseudo boxes of round {r}" if labels is not None else ""),
+              flush=True)
+        stage = run_stage(
+            _round_cfg(cfg, r), f"{name}-round{r}", stage="pgda-round", experiment_id=experiment_id,
+            parent_run_id=parent_id, target=target_with_pseudo(cfg, labels), align=True,
+            init_from=prev["model"] if prev else cfg["model"].get("init_from"), register=False,
+        )
+        model_uri = storage.join(base, f"round-{r}", "model")
+        _upload_dir(stage.model_dir, model_uri)
+        record: dict[str, Any] = {"round": r, "model": model_uri, "run_id": stage.run_id}
+        if r < rounds - 1 or adapt.get("label_last_round", False):
+            rnd = label_target(cfg, str(stage.model_dir), tok, r)
+            record["pseudo"] = storage.join(base, "pseudo", f"round-{r}")
+            commit_pseudo(pseudo_table(rnd), record["pseudo"])
+            record["labels"] = {k: float(v) for k, v in rnd.summary().items()}
+            tracking.log_metrics(stage.run_id, {f"pseudo/{k}": v for k, v in record["labels"].items()}, r, uri)
+            tracking.log_metrics(parent_id, {f"pseudo/{k}": v for k, v in record["labels"].items()}, r, uri)
+            print(f"[pgda] round {r + 1} pseudo-labels: {int(record['labels']['n_kept'])}/"
+                  f"{int(record['labels']['n_pairs'])} kept, mean reliability "
+                  f"{record['labels']['reliability_mean']:.3f}"
+                  + (f", precision@0.5 {record['labels']['precision@0.5']:.3f}" if "precision@0.5" in record["labels"] else ""),
+                  flush=True)
+        record["test"] = evaluate_split(stage.model_dir, data["root"], data["target_domain"], data["test_split"]).metrics
+        tracking.log_metrics(parent_id, record["test"], r, uri)
+        state["rounds"].append(record)
+        atomic_write(_state_uri(cfg, name), json.dumps(state, indent=1).encode())
+
+    final = state["rounds"][-1]
+    final_dir = storage.localize_dir(final["model"])
+    metrics = dict(final["test"])
+    metrics.update(evaluate_split(final_dir, data["root"], data["source_domain"], data["test_split"]).metrics)
+    tracking.log_metrics(parent_id, metrics, rounds, uri)
+    version = state.get("registered_version")
+    if version is None:
+        version = tracking.log_and_register(parent_id, final_dir, cfg["runtime"]["registered_model"], metrics, uri)
+        state["registered_version"] = version
+        atomic_write(_state_uri(cfg, name), json.dumps(state, indent=1).encode())
+    tracking.end_run(parent_id, "FINISHED", uri)
+    rows = results_rows(state, data["target_domain"], data["test_split"])
+    print(format_results(rows, f"{data['target_domain']}_{data['test_split']}"), flush=True)
+    print(f"[pgda] final model: registered {cfg['runtime']['registered_model']} version {version}; "
+          f"{data['source_domain']}_{data['test_split']} pg/acc@0.5 "
+          f"{metrics.get(data['source_domain'] + '_' + data['test_split'] + '/pg/acc@0.5', float('nan')):.3f}", flush=True)
+    return {"rows": rows, "version": version, "parent_run_id": parent_id, "metrics": metrics}
+
+
+def _upload_dir(local: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve_filesystem(uri)
+    if not storage.is_s3(uri):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def results_rows(state: Mapping[str, Any], domain: str, split: str) -> list[dict[str, Any]]:
+    tag = f"{domain}_{split}"
+    rows = []
+    for rec in state["rounds"]:
+        labels = rec.get("labels", {})
+        rows.append({
+            "round": rec["round"] + 1,
+            "trained on": "source + align" + (" + pseudo" if rec["round"] > 0 else ""),
+            "acc@0.5": rec["test"].get(f"{tag}/pg/acc@0.5"), "mIoU": rec["test"].get(f"{tag}/pg/mIoU"),
+            "R@1": rec["test"].get(f"{tag}/pr/R@1"),
+            "pseudo kept": labels.get("n_kept"), "pseudo precision@0.5": labels.get("precision@0.5"),
+        })
+    return rows
+
+
+def format_results(rows: list[dict[str, Any]], tag: str) -> str:
+    head = list(rows[0]) if rows else []
+    lines = [f"PG-DA results on {tag}", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) > 1 else f"{value:.3f}"
+    return str(value)
