@@ -88,3 +88,12 @@ def test_mmd_rejects_bad_input():
         mk_mmd(_gauss(4, 4, 0), _gauss(4, 4, 1), estimator="linear")
     with pytest.raises(ValueError, match="> 0"):
         mk_mmd(_gauss(4, 4, 0), _gauss(4, 4, 1), multipliers=[1.0, 0.0])
+
+
+def test_mmd_stays_float32_under_autocast():
+    x, y = _gauss(32, 64, 0), _gauss(32, 64, 1, shift=0.3)
+    ref = mk_mmd(x, y)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        amp = mk_mmd(x, y)
+    assert amp.dtype == torch.float32
+    assert torch.allclose(amp, ref, atol=1e-6)

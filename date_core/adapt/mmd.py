@@ -51,15 +51,19 @@ def gaussian_kernel_matrix(
         raise ValueError(f"gaussian_kernel_matrix expects [N, F] samples, got shape {tuple(z.shape)}")
     if len(multipliers) == 0:
         raise ValueError("at least one bandwidth multiplier is needed")
-    # ||a-b||^2 via the Gram matrix: O(N^2 F) and one matmul; clamp the float error below 0.
-    sq_norm = (z * z).sum(dim=1)
-    sq_dist = (sq_norm[:, None] + sq_norm[None, :] - 2.0 * z @ z.T).clamp_min(0.0)
-    base = median_sq_distance(sq_dist)
-    kernel = torch.zeros_like(sq_dist)
-    for m in multipliers:
-        if m <= 0:
-            raise ValueError(f"bandwidth multipliers must be > 0, got {m}")
-        kernel = kernel + torch.exp(-sq_dist / (float(m) * base))
+    # Always float32, also under bf16/fp16 autocast: the Gram-matrix trick below subtracts
+    # large nearly equal numbers, which a 8-bit mantissa turns into noise.
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        # ||a-b||^2 via the Gram matrix: O(N^2 F) and one matmul; clamp the float error below 0.
+        sq_norm = (z * z).sum(dim=1)
+        sq_dist = (sq_norm[:, None] + sq_norm[None, :] - 2.0 * z @ z.T).clamp_min(0.0)
+        base = median_sq_distance(sq_dist)
+        kernel = torch.zeros_like(sq_dist)
+        for m in multipliers:
+            if m <= 0:
+                raise ValueError(f"bandwidth multipliers must be > 0, got {m}")
+            kernel = kernel + torch.exp(-sq_dist / (float(m) * base))
     return kernel / len(multipliers)
 
 
