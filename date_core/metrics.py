@@ -5,7 +5,8 @@ Names (callers prefix a split tag, e.g. ``live_test/pg/acc@0.5``): ``pr/R@1``, `
 
 Conventions:
 - Retrieval ranks a gallery of *unique* images (see :func:`dedupe_gallery`); a gallery image is
-  relevant to a query when it shows the same product (``item_key``).
+  relevant to a query when it shows the same product (``item_key``). An image carrying several
+  queries shows several products: it is relevant to the items of all its pairs.
 - ``R@K`` is the fraction of queries with at least one relevant image in the top K.
 - ``mAP@10`` averages ``AP@10 = sum_i P@i * rel_i / min(n_relevant, 10)`` over queries.
 - Ties in similarity are broken *pessimistically* (irrelevant images rank first among equal
@@ -48,19 +49,22 @@ def topk_relevance(query_emb: Tensor, query_item: Tensor, gallery_emb: Tensor, g
                    k: int, chunk: int = 8192) -> tuple[Tensor, Tensor]:
     """Relevance of each query's top-k gallery images, in rank order, plus its relevant count.
 
-    ``query_emb [Q, D]``, ``gallery_emb [G, D]``, item keys ``[Q]`` / ``[G]``. The gallery is
+    ``query_emb [Q, D]``, ``gallery_emb [G, D]``, item keys ``[Q]`` and ``[G]`` or ``[G, M]``
+    (an image showing several items; pad with -1). The gallery is
     scored ``chunk`` images at a time, so memory is ``O(Q * (chunk + k))``. Returns
     (``[Q, min(k, G)]`` bool, ``[Q]`` int64 number of relevant gallery images).
     """
     q_emb, g_emb = query_emb.float(), gallery_emb.float()
     q_item, g_item = _t(query_item).long(), _t(gallery_item).long()
+    if g_item.dim() == 1:
+        g_item = g_item[:, None]
     k = min(k, g_emb.shape[0])
     best_key = torch.empty(q_emb.shape[0], 0, dtype=torch.long)
     best_rel = torch.empty(q_emb.shape[0], 0, dtype=torch.bool)
     n_rel = torch.zeros(q_emb.shape[0], dtype=torch.long)
     for start in range(0, g_emb.shape[0], chunk):
         sims = q_emb @ g_emb[start:start + chunk].t()
-        rel = q_item[:, None] == g_item[None, start:start + chunk]
+        rel = (q_item[:, None, None] == g_item[None, start:start + chunk]).any(dim=-1)
         n_rel += rel.sum(dim=1)
         # one int64 key orders by score, then irrelevant-before-relevant among equal scores
         key = _ordered_int(sims) * 2 + (~rel).long()
@@ -95,17 +99,26 @@ def retrieval_metrics(query_emb, query_item, gallery_emb, gallery_item, chunk: i
 
 
 def dedupe_gallery(image_emb, image_key, item_key) -> tuple[Tensor, Tensor, Tensor]:
-    """Keep the first row of every ``image_key`` (an image may carry several queries).
+    """One gallery row per image (its first row), with every item its pairs name.
 
-    ``image_emb [N, D]``, keys ``[N]`` -> (``[G, D]``, ``[G]`` image keys, ``[G]`` item keys).
+    ``image_emb [N, D]``, keys ``[N]`` -> (``[G, D]`` embeddings, ``[G]`` image keys, ``[G, M]``
+    item keys of each image, padded with -1; M = most distinct items on one image), in order of
+    first appearance.
     """
     emb, img, item = _t(image_emb), _t(image_key).long(), _t(item_key).long()
+    n = img.shape[0]
     uniq, inverse = torch.unique(img, return_inverse=True)
-    # first occurrence of each unique key: the minimum row index mapping to it
-    first = torch.full((uniq.shape[0],), img.shape[0], dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, torch.arange(img.shape[0]), reduce="amin")
-    first, _ = first.sort()
-    return emb[first], img[first], item[first]
+    first = torch.full((uniq.shape[0],), n, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(n), reduce="amin")
+    order = first.argsort()                      # unique index, in order of first appearance
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0])   # unique index -> gallery row
+    pairs = torch.unique(torch.stack([rank[inverse], item], dim=1), dim=0)  # distinct (row, item), sorted
+    start = torch.searchsorted(pairs[:, 0].contiguous(), torch.arange(order.shape[0]))
+    slot = torch.arange(pairs.shape[0]) - start[pairs[:, 0]]
+    items = torch.full((order.shape[0], int(slot.max()) + 1 if n else 1), -1, dtype=torch.long)
+    items[pairs[:, 0], slot] = pairs[:, 1]
+    return emb[first[order]], uniq[order], items
 
 
 def grounding_metrics(pred_boxes, boxes, alt_boxes=None, alt_mask=None,

@@ -79,11 +79,22 @@ def test_chunked_topk_matches_a_full_sort_on_random_data():
     torch.testing.assert_close(n_rel, (q_items[:, None] == g_items[None]).sum(1))
 
 
-def test_dedupe_gallery_keeps_first_row_per_image_in_order():
+def test_dedupe_gallery_keeps_first_row_per_image_with_all_its_items():
     emb = torch.arange(5.0)[:, None]
-    e, img, item = dedupe_gallery(emb, torch.tensor([5, 3, 5, 7, 3]), torch.tensor([1, 2, 1, 4, 2]))
+    e, img, items = dedupe_gallery(emb, torch.tensor([5, 3, 5, 7, 3]), torch.tensor([1, 2, 9, 4, 2]))
     assert e.flatten().tolist() == [0.0, 1.0, 3.0]
-    assert img.tolist() == [5, 3, 7] and item.tolist() == [1, 2, 4]
+    assert img.tolist() == [5, 3, 7]
+    # image 5 carries two queries about items 1 and 9; image 3's two queries share item 2
+    assert items.tolist() == [[1, 9], [2, -1], [4, -1]]
+
+
+def test_an_image_is_relevant_to_every_item_its_pairs_name():
+    # two pairs on one image (items 1 and 9), one pair on another (item 4)
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    g_emb, _, g_items = dedupe_gallery(emb, torch.tensor([50, 50, 60]), torch.tensor([1, 9, 4]))
+    queries = torch.tensor([[1.0, 0.1], [1.0, 0.1], [0.1, 1.0]])
+    m = retrieval_metrics(queries, torch.tensor([1, 9, 4]), g_emb, g_items)
+    assert m["pr/R@1"] == 1.0 and m["pr/n_gallery"] == 2
 
 
 def test_grounding_hand_computed_with_alt_boxes_and_threshold_boundary():

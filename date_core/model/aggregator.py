@@ -21,11 +21,12 @@ class CrossAttentionBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
 
-    def forward(self, tokens: Tensor, memory: Tensor, memory_mask: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, memory: Tensor, memory_mask: Tensor | None = None,
+                residual: bool = True) -> Tensor:
         kv = self.norm_kv(memory)
         pad = None if memory_mask is None else ~memory_mask.bool()
         attended, _ = self.attn(self.norm_q(tokens), kv, kv, key_padding_mask=pad, need_weights=False)
-        tokens = tokens + attended
+        tokens = tokens + attended if residual else attended
         return tokens + self.mlp(self.norm_mlp(tokens))
 
 
@@ -50,6 +51,10 @@ class SemanticAggregator(nn.Module):
         """``sequence [B, N, h]``, ``mask [B, N]`` (1 = real token) -> (``[B, K, d]``, ``[B, N, d]``)."""
         comprehensive = self.proj(sequence)
         tokens = self.semantic_tokens.expand(sequence.shape[0], -1, -1).to(comprehensive.dtype)
-        for block in self.blocks:
-            tokens = block(tokens, comprehensive, mask)
+        for i, block in enumerate(self.blocks):
+            # no residual from the learned seeds into the first block: the seeds only choose what
+            # to read, so every concentrated feature is a function of the input. With the residual,
+            # the shared seeds dominate the tokens and the grounding loss inflates them until the
+            # pooled retrieval embeddings collapse to one point (measured on ProductWorld).
+            tokens = block(tokens, comprehensive, mask, residual=i > 0)
         return self.norm(tokens), comprehensive

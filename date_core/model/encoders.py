@@ -69,8 +69,6 @@ class ConvStem(nn.Module):
         c_in = 3 + (2 if coord_channels else 0)
         for c_out in channels:
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-                       nn.GroupNorm(min(8, c_out), c_out), nn.GELU(),
-                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
                        nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
             c_in = c_out
         self.body = nn.Sequential(*layers)

@@ -76,6 +76,11 @@ class GroundingSeeker(nn.Module):
         self.fusion = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.patch_score = nn.Linear(d, 1)
+        # a direct bilinear match between each patch and the pooled query, beside the fusion:
+        # multiplicative query-patch interaction from the first step, which a generic
+        # transformer otherwise has to discover (slow from scratch)
+        self.match_patch = nn.Linear(d, d, bias=False)
+        self.match_query = nn.Linear(d, d, bias=False)
         self.refine = nn.Linear(d, 2)
         self.size = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2))
         self.conf = nn.Sequential(nn.Linear(d + 4, d), nn.GELU(), nn.Linear(d, 1))
@@ -93,12 +98,14 @@ class GroundingSeeker(nn.Module):
         if n != grid * grid:
             raise ValueError(f"{n} patches do not form a {grid}x{grid} grid")
         centres, coord_feats = sincos_coordinates(grid, d, patches.device)
+        match = torch.einsum("bnd,bd->bn", self.match_patch(patches),
+                             self.match_query(query_tokens.mean(dim=1))).float() / math.sqrt(d)
         patches = patches + self.type_patch + self.coord_proj(coord_feats.to(patches.dtype))[None]
         seq = torch.cat([self.reg_token.expand(b, -1, -1).to(patches.dtype),
                          query_tokens + self.type_query, patches], dim=1)
         out = self.norm(self.fusion(seq))
         reg, patch_out = out[:, 0], out[:, 1 + k:]
-        patch_logits = self.patch_score(patch_out).squeeze(-1).float()  # [B, N]
+        patch_logits = self.patch_score(patch_out).squeeze(-1).float() + match  # [B, N]
         weights = patch_logits.softmax(dim=-1)
         fused = reg + torch.einsum("bn,bnd->bd", weights.to(patch_out.dtype), patch_out)
         centre = weights @ centres  # [B, 2] soft-argmax over patch centres

@@ -1,0 +1,152 @@
+"""How fast does the ``tiny`` preset learn? Validation Acc@0.5 (and R@1) against wall-clock and
+optimiser steps on ProductWorld ``mall`` rows, single process on the CPU.
+
+    python bench/tiny_learning.py                      # tiny, 10 minutes of training
+    python bench/tiny_learning.py --compare-plain      # also the plain-ViT baseline, same budget
+
+Rows are rendered by ``date_core.data.productworld``, turned into batches by the data layer's
+``BatchTransform`` (letterbox + WordPiece trained on the training queries) once, cached under
+``bench/_work/``, then trained with ``date_core.engine.train_step``. Evaluation time is excluded
+from the training clock. The machine is shared, so steps are reported beside seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import hardware_string, markdown_table, write_result  # noqa: E402
+
+from date_core import build_model  # noqa: E402
+from date_core.engine import build_optimizer, build_scheduler, evaluate, train_step  # noqa: E402
+from date_core.losses import DateCriterion  # noqa: E402
+
+WORK = ROOT / "bench" / "_work"
+#: The design measured before this preset existed: a plain ViT from scratch (4 layers, width
+#: 128, patch 12 at 96 px, no conv stem), 2-layer text encoder, 2 fusion layers.
+PLAIN = {"stem_channels": [], "coord_channels": False, "patch_size": 12, "vision_layers": 4,
+         "vision_mlp": 512, "text_mlp": 512, "fusion_mlp": 512}
+
+
+def make_data(domain: str, n_images: int, seed: int, image_size: int, max_len: int, tok=None):
+    """Render ``n_images`` ProductWorld images -> (list of numpy batch columns, tokenizer)."""
+    from date_core.data.productworld import render_images
+    from date_core.data.transforms import BatchTransform
+    from date_core.text import train_wordpiece
+
+    rows = render_images(domain, range(n_images), seed)
+    if tok is None:
+        tok = train_wordpiece([r["query"] for r in rows], vocab_size=4000)
+    cols = {k: np.array([r[k] for r in rows], dtype=object) for k in ("image", "query", "item_id",
+                                                                      "image_id", "pair_id")}
+    cols["box"] = np.array([r["box"] for r in rows], dtype=object)
+    cols["alt_boxes"] = np.array([r["alt_boxes"] for r in rows], dtype=object)
+    out = BatchTransform(tok, image_size, max_len)(cols)
+    return out, tok
+
+
+def cached(domain: str, n_images: int, seed: int, image_size: int, max_len: int, tok=None):
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"pw_{domain}_{n_images}_{seed}_{image_size}_{max_len}.npz"
+    tok_dir = WORK / f"tok_{domain}_{n_images}_{seed}"
+    if path.exists() and (tok is not None or tok_dir.is_dir()):
+        from date_core.text import load_tokenizer
+        data = dict(np.load(path))
+        return data, tok if tok is not None else load_tokenizer(tok_dir)
+    data, tok2 = make_data(domain, n_images, seed, image_size, max_len, tok)
+    np.savez(path, **data)
+    if tok is None:
+        tok2.save_pretrained(str(tok_dir))
+    return data, tok2
+
+
+def batches(data: dict, batch_size: int, rng: np.random.Generator | None = None):
+    n = len(data["input_ids"])
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for i in range(0, n - (batch_size - 1 if rng is not None else 0), batch_size):
+        idx = order[i:i + batch_size]
+        yield {k: torch.from_numpy(v[idx]) for k, v in data.items()}
+
+
+def run(name: str, overrides: dict, train, val, tok, args) -> list[dict]:
+    torch.manual_seed(args.seed)
+    model = build_model(args.preset, vocab_size=len(tok), max_text_len=args.max_len, **overrides)
+    n_params = sum(p.numel() for p in model.parameters())
+    crit = DateCriterion()
+    opt = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05})
+    sched = build_scheduler(opt, args.warmup, args.planned_steps, min_lr_ratio=0.05)
+    rng = np.random.default_rng(args.seed)
+    curve, step, train_s = [], 0, 0.0
+    next_eval = 0.0
+    while train_s < args.minutes * 60 and step < args.planned_steps:
+        for batch in batches(train, args.batch_size, rng):
+            t0 = time.perf_counter()
+            train_step(model, crit, batch, opt, sched, max_grad_norm=args.clip)
+            train_s += time.perf_counter() - t0
+            step += 1
+            if train_s >= next_eval or train_s >= args.minutes * 60:
+                m = evaluate(model, list(batches(val, 128)))
+                point = {"run": name, "step": step, "train_s": round(train_s, 1),
+                         "acc@0.5": m["pg/acc@0.5"], "mIoU": m["pg/mIoU"], "R@1": m["pr/R@1"]}
+                curve.append(point)
+                print(json.dumps(point), flush=True)
+                next_eval += args.eval_every_s
+            if train_s >= args.minutes * 60 or step >= args.planned_steps:
+                break
+    print(f"{name}: {n_params / 1e6:.2f} M parameters, {step} steps, {step * args.batch_size / train_s:.1f} pairs/s")
+    return curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per run")
+    ap.add_argument("--train-images", type=int, default=3000)
+    ap.add_argument("--val-images", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--planned-steps", type=int, default=3000, help="cosine schedule length")
+    ap.add_argument("--eval-every-s", type=float, default=60.0)
+    ap.add_argument("--max-len", type=int, default=24)
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (train_step's max_grad_norm)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="model override key=value (YAML value)")
+    ap.add_argument("--compare-plain", action="store_true", help="also train the plain-ViT baseline")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import yaml
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+
+    t0 = time.perf_counter()
+    train, tok = cached("mall", args.train_images, 0, 96, args.max_len)
+    val, _ = cached("mall", args.val_images, 1, 96, args.max_len, tok)
+    print(f"data: {len(train['input_ids'])} train / {len(val['input_ids'])} val pairs "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    curves = {"tiny": run("tiny", overrides, train, val, tok, args)}
+    if args.compare_plain:
+        curves["plain"] = run("plain", {**PLAIN, **overrides}, train, val, tok, args)
+    rows = [p for c in curves.values() for p in c]
+    print(markdown_table(rows, ["run", "step", "train_s", "acc@0.5", "mIoU", "R@1"]))
+    if not args.no_write:
+        path = write_result("tiny_learning", {
+            "what": "val acc@0.5 / mIoU / R@1 of the tiny preset vs training wall-clock on ProductWorld mall",
+            "settings": {k: v for k, v in vars(args).items()}, "overrides": overrides,
+            "plain_baseline": PLAIN, "curves": curves, "hardware_note": hardware_string()})
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
