@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps per row")
     ap.add_argument("--rounds", type=int, default=3, help="self-training rounds of the pseudo-label rows")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (learning curve)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -211,6 +212,18 @@ def eval_units(n_pairs: int, args) -> float:
     return n_pairs / args.batch_size / 3
 
 
+def _curve_point(model, data: dict, step: int, args, amp) -> dict:
+    t = time.perf_counter()
+    point = {"step": step}
+    for split, domain in (("target_test", args.target), ("source_test", args.source)):
+        if split in data:
+            m = evaluate(model, batches(data[split], 128), device=args.device, autocast_dtype=amp)
+            point.update({f"{domain}/acc@0.5": m["pg/acc@0.5"], f"{domain}/mIoU": m["pg/mIoU"],
+                          f"{domain}/R@1": m["pr/R@1"]})
+    point["eval_s"] = time.perf_counter() - t
+    return point
+
+
 def run_one(row: str, seed: int, data: dict, vocab: int, max_len: int, args, progress: Progress) -> dict:
     _, use_target, align, pseudo, oracle = ROWS[row]
     device = torch.device(args.device)
@@ -244,7 +257,7 @@ def run_one(row: str, seed: int, data: dict, vocab: int, max_len: int, args, pro
     rounds = args.rounds if pseudo else 1
     bounds = np.linspace(0, args.steps, rounds + 1).round().astype(int)
     n_src, n_tgt = data["source_train"][B.PAIR_KEY].shape[0], data["target_train"][B.PAIR_KEY].shape[0]
-    labels, round_log, step, t0 = None, [], 0, time.perf_counter()
+    labels, round_log, curve, step, t0 = None, [], [], 0, time.perf_counter()
     for r in range(rounds):
         if r > 0:
             t_label = time.perf_counter()
@@ -268,15 +281,19 @@ def run_one(row: str, seed: int, data: dict, vocab: int, max_len: int, args, pro
             logs = train_step(model, criterion, src, optimizer, scheduler, target_batch=tgt, aligner=aligner,
                               device=device, autocast_dtype=amp)
             progress.tick(2.0 if use_target else 1.0)
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                curve.append(_curve_point(model, data, step + 1, args, amp))
+                print(f"    eval @{step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in curve[-1].items()
+                                                          if k != "step"), flush=True)
             if (step + 1) % max(1, args.steps // 6) == 0:
                 align_txt = " ".join(f"{k[len('loss/'):]}={v:.3g}" for k, v in logs.items()
                                      if k[len("loss/"):] in align or k == "loss/adversarial")
                 print(f"    step {step + 1}/{args.steps} loss {logs['loss/total']:.3f} {align_txt} "
                       f"| {progress.eta()}", flush=True)
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 - sum(c["eval_s"] for c in curve)
     metrics = evaluate(model, batches(data["target_test"], 128), device=device, autocast_dtype=amp)
     progress.tick(eval_units(data["target_test"][B.PAIR_KEY].shape[0], args))
-    out = {"row": row, "seed": seed, "train_s": train_s, "rounds": round_log,
+    out = {"row": row, "seed": seed, "train_s": train_s, "rounds": round_log, "curve": curve,
            **{f"{args.target}_test/{k}": v for k, v in metrics.items()}}
     if "source_test" in data:
         src_metrics = evaluate(model, batches(data["source_test"], 128), device=device, autocast_dtype=amp)

@@ -162,6 +162,15 @@ def test_pseudo_labels_carry_reliability_weights_and_pixel_boxes():
         np.testing.assert_allclose(xyxy_pixels_to_letterbox_cxcywh(box_px, Letterbox(w, h, 224)), box, atol=1e-5)
 
 
+def test_a_round_that_keeps_nothing_gives_empty_labels_and_no_targets():
+    pred = {"box": np.full((3, 4), 0.5, np.float32), B.PAIR_KEY: np.array([1, 2, 3]),
+            B.ORIG_SIZE: np.full((3, 2), 100.0, np.float32)}
+    labels = build_pseudo_labels(pred, np.zeros(3, np.float32), np.zeros(3, bool), round_index=0)
+    assert all(v.shape[0] == 0 for v in labels.values()) and labels["box_xyxy"].shape == (0, 4)
+    out = attach_pseudo_boxes({B.PAIR_KEY: torch.tensor([1, 2])}, labels)
+    assert out[B.HAS_BOX].sum() == 0
+
+
 def test_attach_pseudo_boxes_sets_targets_only_for_labelled_pairs():
     batch = {B.PAIR_KEY: torch.tensor([11, 12, 13]), B.BOXES: torch.ones(3, 4), B.HAS_BOX: torch.ones(3),
              B.BOX_WEIGHT: torch.ones(3), B.ALT_MASK: torch.ones(3, 2)}

@@ -245,10 +245,9 @@ def build_pseudo_labels(pred: Mapping[str, np.ndarray], reliability: np.ndarray,
 
         size = np.asarray(pred[B.ORIG_SIZE], dtype=np.float64)[keep]
         # The letterbox side cancels out of the mapping; any positive value gives the same pixels.
-        out["box_xyxy"] = np.stack([
-            letterbox_cxcywh_to_xyxy_pixels(b, Letterbox(float(w), float(h), 1))
-            for b, (w, h) in zip(out["box"], size)
-        ]).reshape(-1, 4).astype(np.float32)
+        rows = [letterbox_cxcywh_to_xyxy_pixels(b, Letterbox(float(w), float(h), 1))
+                for b, (w, h) in zip(out["box"], size)]
+        out["box_xyxy"] = (np.stack(rows) if rows else np.zeros((0, 4))).astype(np.float32)
     return out
 
 
