@@ -120,6 +120,7 @@ def ray_module():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # never join a cluster some other process started with `ray start`
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=256 * 1024 * 1024,
