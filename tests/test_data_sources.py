@@ -1,7 +1,6 @@
 """Source parsers (manifest, VOC, Product1M) and assembly (duplicates, splits), without Ray."""
 from __future__ import annotations
 
-import io as _io
 import json
 from pathlib import Path
 

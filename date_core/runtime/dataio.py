@@ -33,14 +33,19 @@ from date_core.data.outputs import prepare_output, save_tokenizer, write_parse_r
 from date_core.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, REJECTED_DIR, REJECTED_SCHEMA, DataError, check_pair_schema
 from date_core.data.splits import DEFAULT_FRACTIONS, assign_split
 from date_core.data.summary import RunSummary
+from date_core.data.transforms import BatchTransform
 
 #: Default Parquet file size: the contract asks for ~100-500 MB files on big data.
 DEFAULT_SHARD_MB = 256.0
 
 
 def read_pairs(root: str, domain: str, split: str, *, columns: Sequence[str] | None = None,
-               shuffle_files: bool = False, override_num_blocks: int | None = None) -> Dataset:
+               shuffle_files: bool = False, override_num_blocks: int | None = None,
+               num_cpus: float | None = None) -> Dataset:
     """The prepared dataset ``ROOT/<domain>/<split>`` as a Ray Dataset (lazy, streaming).
+
+    ``num_cpus`` per read task (default 1): lower it when actors downstream hold every CPU
+    (a 1-CPU node running one ``BatchTransform`` actor would otherwise never read).
 
     Raises :class:`DataError` when the folder has no Parquet file or its schema lacks a
     contract column (checked on the first file's footer, before any task starts).
@@ -59,7 +64,27 @@ def read_pairs(root: str, domain: str, split: str, *, columns: Sequence[str] | N
     return ray.data.read_parquet(
         files, filesystem=fs, columns=list(columns) if columns else None, partitioning=None,
         shuffle="files" if shuffle_files else None, override_num_blocks=override_num_blocks,
+        num_cpus=num_cpus,
     )
+
+
+def to_model_batches(ds: Dataset, tokenizer: Any, image_size: int, max_text_len: int, *, train: bool = False,
+                     batch_size: int = 64, seed: int | None = None, num_cpus: float = 1.0) -> Dataset:
+    """``ds`` (contract rows) -> model batches (:mod:`date_core.batch` keys, numpy), as Ray tasks.
+
+    ``tokenizer``: an object or a folder (local or ``s3://``; loaded once here, then shipped
+    with the transform). Tasks rather than an actor pool on purpose: actors hold their CPUs
+    for the whole run, while ``read_parquet``'s file-listing step (Ray Data 2.60) needs one
+    whole free CPU, so a node whose CPUs are all held (1 CPU, or trainers holding the rest)
+    would never start reading. ``map_batches(BatchTransform, fn_constructor_args=...)`` also
+    works wherever a CPU stays free.
+    """
+    from date_core.text import load_tokenizer
+
+    if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
+        tokenizer = load_tokenizer(storage.localize_dir(str(tokenizer)))
+    transform = BatchTransform(tokenizer, image_size, max_text_len, train, seed=seed)
+    return ds.map_batches(transform, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus)
 
 
 def _to_contract(batch: pa.Table, domain: str, split: str) -> pa.Table:
@@ -208,7 +233,9 @@ def run_synth(out: str, counts: Sequence[tuple[str, int]], seed: int, *,
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Start Ray if this process has not: the cluster at ``RAY_ADDRESS`` when set (``ray job
-    submit`` sets it), else a local one with ``num_cpus`` (None: all cores)."""
+    submit`` sets it; ``RAY_ADDRESS=auto`` joins a ``ray start`` cluster on this machine), else
+    a fresh local one with ``num_cpus`` (None: all cores). ``address="local"`` on purpose: a
+    bare ``ray.init()`` would silently join whatever cluster last ran ``ray start`` here."""
     import os
 
     if ray.is_initialized():
@@ -216,7 +243,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 def _finish(out: str, summary: RunSummary, *, tokenizer: str | None, vocab_size: int,
