@@ -93,7 +93,9 @@ def run(name: str, overrides: dict, train, val, tok, args) -> list[dict]:
             train_step(model, crit, batch, opt, sched, max_grad_norm=args.clip)
             train_s += time.perf_counter() - t0
             step += 1
-            if train_s >= next_eval or train_s >= args.minutes * 60:
+            by_steps = args.eval_every_steps and step % args.eval_every_steps == 0
+            if by_steps or (not args.eval_every_steps and train_s >= next_eval) or train_s >= args.minutes * 60 \
+                    or step >= args.planned_steps:
                 m = evaluate(model, list(batches(val, 128)))
                 point = {"run": name, "step": step, "train_s": round(train_s, 1),
                          "acc@0.5": m["pg/acc@0.5"], "mIoU": m["pg/mIoU"], "R@1": m["pr/R@1"]}
@@ -117,6 +119,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--planned-steps", type=int, default=3000, help="cosine schedule length")
     ap.add_argument("--eval-every-s", type=float, default=60.0)
+    ap.add_argument("--eval-every-steps", type=int, default=0, help="evaluate by steps instead of seconds")
     ap.add_argument("--max-len", type=int, default=24)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (train_step's max_grad_norm)")
     ap.add_argument("--threads", type=int, default=2)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from date_core import batch as B
 from date_core.config import default_config
-from date_core.losses import LOSS_NAMES, DateCriterion, gather_with_local_grad, info_nce
+from date_core.losses import LOSS_NAMES, DateCriterion, focus_targets, gather_with_local_grad, info_nce
 
 
 def _pairs(n=6, dim=8, seed=0):
@@ -141,3 +141,25 @@ def test_weighted_total_and_zero_weights():
     terms = {"box_l1": torch.tensor(2.0), "box_giou": torch.tensor(float("nan")), "align_conditional": torch.tensor(4.0)}
     # a zero weight switches its term off entirely (even a NaN one)
     assert float(crit.total(terms)) == pytest.approx(12.0)
+
+
+def test_focus_targets_cover_the_patches_inside_the_box():
+    # grid 4 (patch centres at 0.125, 0.375, 0.625, 0.875); box x 0.3..0.7, y 0.0..0.5
+    t = focus_targets(torch.tensor([[0.5, 0.25, 0.4, 0.5], [0.9, 0.9, 0.05, 0.05]]), 16)
+    first = t[0].view(4, 4)
+    assert torch.allclose(first[:2, 1:3], torch.full((2, 2), 0.25)) and float(first.sum()) == pytest.approx(1.0)
+    assert float(first[2:].sum()) == 0.0 and float(first[:, 0].sum()) == 0.0
+    # a box smaller than a patch: all mass on the patch holding its centre
+    assert float(t[1].view(4, 4)[3, 3]) == pytest.approx(1.0)
+
+
+def test_box_focus_term_pulls_attention_to_the_target():
+    gt = torch.tensor([[0.5, 0.25, 0.4, 0.5]])
+    logits = torch.zeros(1, 16, requires_grad=True)
+    out = _outputs(torch.tensor([[0.5, 0.5, 0.2, 0.2]]))
+    out["patch_logits"] = logits
+    terms = DateCriterion()(out, _batch(gt))
+    assert float(terms["box_focus"]) == pytest.approx(-torch.log(torch.tensor(1 / 16)).item())  # uniform start
+    terms["box_focus"].backward()
+    inside = focus_targets(gt, 16)[0] > 0
+    assert bool((logits.grad[0, inside] < 0).all()) and bool((logits.grad[0, ~inside] > 0).all())
