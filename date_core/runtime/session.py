@@ -25,7 +25,8 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
     cpus = os.cpu_count() or 2
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
+    # address="local": a fresh Ray for this job, never one some other process left running
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
              object_store_memory=int((cfg or {}).get("runtime", {}).get("object_store_mb", 512)) * 1024 * 1024)
 
 

@@ -23,7 +23,7 @@ from date_core.runtime.trainer import build_trainer, checkpoint_model_dir, check
 class StageResult:
     run_id: str
     model_dir: Path            # local copy of the final model folder
-    metrics: dict[str, float]  # the last reported metrics (train + validation)
+    metrics: dict[str, Any]    # the last reported metrics (train + validation, worker_nodes)
     start_step: int            # step the last attempt started from (0 = from scratch)
     version: str | None = None
 
@@ -62,7 +62,7 @@ def run_stage(cfg: Mapping[str, Any], name: str, *, stage: str = "train", experi
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix=f"date-{name}-"))
     model_dir = checkpoint_model_dir(result.checkpoint, out_dir / "model")
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    metrics = dict(result.metrics or {})
     _log_figures(cfg, run_id, model_dir, out_dir, uri)
     version = None
     if register:

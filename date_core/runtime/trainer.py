@@ -28,32 +28,14 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from date_core.data import storage
-from date_core.data.transforms import BatchTransform
-from date_core.runtime.dataio import read_pairs
+from date_core.runtime.dataio import read_pairs, to_model_batches
+from date_core.text import load_tokenizer
 
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
-_TRANSFORMS: dict[tuple, BatchTransform] = {}
 
 
 # ----------------------------------------------------------------------------- datasets
-def _transform(batch: dict, tokenizer: str, image_size: int, max_text_len: int, train: bool) -> dict:
-    """Ray Data task: contract rows -> model batch. The transform (and its tokenizer) is cached
-    per worker process, so tasks pay for loading it once, not per batch."""
-    key = (tokenizer, image_size, max_text_len, train)
-    if key not in _TRANSFORMS:
-        _TRANSFORMS[key] = BatchTransform(tokenizer, image_size, max_text_len, train=train)
-    return _TRANSFORMS[key](batch)
-
-
-def transformed(ds: ray.data.Dataset, tokenizer: str, image_size: int, max_text_len: int, train: bool,
-                batch_size: int = 64) -> ray.data.Dataset:
-    """``ds`` of contract rows -> a dataset of model batches (decode + letterbox + tokenise)."""
-    return ds.map_batches(_transform, batch_size=batch_size, batch_format="numpy",
-                          fn_kwargs=dict(tokenizer=tokenizer, image_size=image_size,
-                                         max_text_len=max_text_len, train=train))
-
-
 def make_datasets(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenizer: str,
                   target: ray.data.Dataset | None = None) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
     """The ``train`` / ``val`` (/ ``target``) datasets of a run and their row counts.
@@ -68,13 +50,15 @@ def make_datasets(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenize
     if data.get("max_val_pairs"):
         val_rows = val_rows.limit(int(data["max_val_pairs"]))
     counts = {"train": train_rows.count(), "val": val_rows.count()}
+    tok = load_tokenizer(storage.localize_dir(tokenizer))  # loaded once, shipped with the tasks
+    seed = int(cfg["train"]["seed"])
     datasets = {
-        "train": transformed(train_rows, tokenizer, size, max_len, train=True),
-        "val": transformed(val_rows, tokenizer, size, max_len, train=False),
+        "train": to_model_batches(train_rows, tok, size, max_len, train=True, seed=seed),
+        "val": to_model_batches(val_rows, tok, size, max_len, train=False),
     }
     if target is not None:
         counts["target"] = target.count()
-        datasets["target"] = transformed(target, tokenizer, size, max_len, train=True)
+        datasets["target"] = to_model_batches(target, tok, size, max_len, train=True, seed=seed + 1)
     return datasets, counts
 
 
@@ -273,7 +257,9 @@ def build_trainer(cfg: Mapping[str, Any], name: str, datasets: dict, loop_cfg: d
     rt = cfg["runtime"]
     scaling = ScalingConfig(
         num_workers=int(rt["num_workers"]), use_gpu=bool(rt["use_gpu"]),
-        resources_per_worker={"CPU": float(rt.get("cpus_per_worker", 1))},
+        # extra custom resources (e.g. one "trainer slot" per node) pin workers to nodes while
+        # leaving the node's CPUs to Ray Data
+        resources_per_worker={"CPU": float(rt.get("cpus_per_worker", 1)), **dict(rt.get("worker_resources") or {})},
         placement_strategy=str(rt.get("placement_strategy", "PACK")),
     )
     return TorchTrainer(
@@ -301,5 +287,5 @@ def checkpoint_step(model_dir: str | Path) -> int:
     return int(meta.get("extra", {}).get("step", 0))
 
 
-__all__ = ["build_trainer", "make_datasets", "train_loop_per_worker", "run_config", "transformed",
+__all__ = ["build_trainer", "make_datasets", "train_loop_per_worker", "run_config",
            "checkpoint_model_dir", "checkpoint_step"]
