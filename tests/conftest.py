@@ -142,31 +142,9 @@ def groceries_dir() -> Path:
     return GROCERIES
 
 
-def write_small_productworld(root: Path, mall: int, live: int, seed: int = 0) -> Path:
-    """A small prepared ProductWorld dataset written with the library alone (no Ray, seconds):
-    ``root/<domain>/<split>/*.parquet`` and ``root/tokenizer/``."""
-    import pyarrow as pa
-
-    from date_core.data import io
-    from date_core.data.productworld import render_images
-    from date_core.data.schema import PAIR_SCHEMA
-    from date_core.data.splits import DEFAULT_FRACTIONS, assign_split
-    from date_core.text import train_wordpiece
-
-    queries = []
-    for domain, n in (("mall", mall), ("live", live)):
-        rows = render_images(domain, range(n), seed)
-        for row in rows:
-            row["split"] = assign_split(row["image_id"], DEFAULT_FRACTIONS)
-        queries += [r["query"] for r in rows if r["split"] == "train"]
-        for split in ("train", "val", "test"):
-            table = pa.Table.from_pylist([r for r in rows if r["split"] == split], schema=PAIR_SCHEMA)
-            io.write_table(table, str(root), domain, split)
-    train_wordpiece(queries, vocab_size=2000).save_pretrained(str(root / "tokenizer"))
-    return root
-
-
 @pytest.fixture(scope="session")
 def pw_dataset(tmp_path_factory) -> Path:
     """120 mall + 60 live ProductWorld images (about 250 pairs), shared by the runtime tests."""
+    from date_core.data.sample import write_small_productworld
+
     return write_small_productworld(tmp_path_factory.mktemp("productworld"), mall=120, live=60)

@@ -161,7 +161,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         target_iter = _cycle(lambda: target_shard.iter_torch_batches(batch_size=bs, drop_last=True))
 
     tag = loop_cfg.get("tag", "val")
-    t0, last_log = time.time(), {}
+    t0, last_log, t_first = time.time(), {}, time.time()
     micro = 0
     while state["step"] < total_steps:
         skip = state["batch_in_epoch"]
@@ -178,11 +178,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                               aligner=aligner, grad_accum=accum, micro_step=micro,
                               autocast_dtype=autocast, device=device)
             micro += 1
+            if micro == 1:  # throughput clock starts after the first batch (startup, warm-up)
+                t_first = time.time()
             state["batch_in_epoch"] += 1
             if not logs["stepped"]:
                 continue
             state["step"] += 1
             last_log = {f"train/{k}": v for k, v in logs.items() if k != "stepped"}
+            if micro > 1:  # pairs per second of this worker since its first batch
+                last_log["train/samples_per_s"] = (micro - 1) * bs / max(time.time() - t_first, 1e-9)
             if rank == 0 and state["step"] % int(tcfg.get("log_every", 20)) == 0:
                 tracker.log(last_log, state["step"])
                 _progress(state, total_steps, start_step, t0, logs)
