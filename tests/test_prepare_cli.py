@@ -59,6 +59,9 @@ def test_structural_errors_exit_2_with_one_line(tmp_path):
                     "m.jsonl", "item_id")
     _one_line_error(run("manifest", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o3")),
                     "nope.jsonl", "file not found")
+    (tmp_path / "dir.jsonl").mkdir()
+    _one_line_error(run("manifest", str(tmp_path / "dir.jsonl"), "--out", str(tmp_path / "o3b")),
+                    "dir.jsonl", "unreadable")
     _one_line_error(run("voc", str(tmp_path), "--domain", "mall", "--out", str(tmp_path / "o4")),
                     str(tmp_path), "not a Pascal VOC dataset")
     _one_line_error(run("product1m", str(tmp_path / "m.jsonl"), "--images", str(tmp_path / "none"),

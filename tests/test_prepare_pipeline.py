@@ -157,6 +157,43 @@ def test_manifest_with_bad_rows_keeps_every_valid_row(s3_endpoint, ray_module, t
     assert all(r["detail"] for r in rejected)
 
 
+def test_sources_on_s3(s3_endpoint, ray_module, tmp_path):
+    """VOC folders, a manifest with relative image paths and Product1M images, all on s3."""
+    from date_core.text import train_wordpiece
+
+    base = f"s3://date-test/src-{uuid.uuid4().hex[:6]}"
+    # Splits without train rows have no queries to learn from: ship a pretrained tokenizer.
+    tok = str(tmp_path / "tok")
+    train_wordpiece(["tea", "茶叶"], vocab_size=50).save_pretrained(tok)
+    xml = ("<annotation><filename>T1.jpg</filename><size><width>64</width><height>48</height></size>"
+           "<object><name>tea</name><bndbox><xmin>2</xmin><ymin>3</ymin><xmax>40</xmax><ymax>30</ymax>"
+           "</bndbox></object></annotation>")
+    storage.write_bytes(f"{base}/voc/annotations/tea/T1.xml", xml.encode())
+    storage.write_bytes(f"{base}/voc/annotations/tea/T2.xml", xml.replace("T1", "T2").encode())  # no image
+    storage.write_bytes(f"{base}/voc/images/tea/T1.jpg", jpeg(64, 48, 4))
+    assert prepare.main(["voc", f"{base}/voc", "--domain", "live", "--out", f"{base}/out-voc",
+                         "--splits", "test=1.0", "--tokenizer", tok]) == 0
+    s = read_summary(f"{base}/out-voc")
+    assert (s["kept"], s["rejected_by_reason"]) == (1, {V.MISSING_IMAGE: 1})
+    assert io.read_table(f"{base}/out-voc", "live", "test").column("box").to_pylist() == [[1, 2, 40, 30]]
+
+    storage.write_bytes(f"{base}/man/img/a.jpg", jpeg(40, 40, 5))
+    lines = [{"image": "img/a.jpg", "query": "tea", "box": None, "domain": "mall", "item_id": "t"},
+             {"image": "img/b.jpg", "query": "tea", "box": None, "domain": "mall", "item_id": "t"}]
+    storage.write_bytes(f"{base}/man/m.jsonl", "\n".join(json.dumps(x) for x in lines).encode())
+    assert prepare.main(["manifest", f"{base}/man/m.jsonl", "--out", f"{base}/out-man", "--splits", "val=1.0",
+                         "--tokenizer", tok]) == 0
+    s = read_summary(f"{base}/out-man")
+    assert (s["kept"], s["rejected_by_reason"]) == (1, {V.MISSING_IMAGE: 1})
+
+    storage.write_bytes(f"{base}/p1m/imgs/x/9.jpg", jpeg(30, 30, 6))
+    storage.write_bytes(f"{base}/p1m/p.txt", "9#####茶叶#####https://h/x/9.jpg#####https://m/9.jpg\n".encode())
+    assert prepare.main(["product1m", f"{base}/p1m/p.txt", "--images", f"{base}/p1m/imgs",
+                         "--out", f"{base}/out-p1m", "--splits", "test=1.0",
+                         "--tokenizer", tok]) == 0
+    assert io.read_table(f"{base}/out-p1m", "mall", "test").column("query").to_pylist() == ["茶叶"]
+
+
 def test_product1m_missing_images_are_rejected_rows(ray_module, tmp_path):
     (tmp_path / "imgs" / "i1").mkdir(parents=True)
     (tmp_path / "imgs" / "i1" / "a1.jpg").write_bytes(jpeg(80, 80, 1))
