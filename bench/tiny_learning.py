@@ -1,8 +1,8 @@
 """How fast does the ``tiny`` preset learn? Validation Acc@0.5 (and R@1) against wall-clock and
 optimiser steps on ProductWorld ``mall`` rows, single process on the CPU.
 
-    python bench/tiny_learning.py                      # tiny, 10 minutes of training
-    python bench/tiny_learning.py --compare-plain      # also the plain-ViT baseline, same budget
+    python bench/tiny_learning.py                             # tiny and the no-focus baseline, 10 min each
+    python bench/tiny_learning.py --variants tiny,hybrid      # any of: tiny, no-focus, hybrid
 
 Rows are rendered by ``date_core.data.productworld``, turned into batches by the data layer's
 ``BatchTransform`` (letterbox + WordPiece trained on the training queries) once, cached under
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,10 +32,16 @@ from date_core.engine import build_optimizer, build_scheduler, evaluate, train_s
 from date_core.losses import DateCriterion  # noqa: E402
 
 WORK = ROOT / "bench" / "_work"
-#: The design measured before this preset existed: a plain ViT from scratch (4 layers, width
-#: 128, patch 12 at 96 px, no conv stem), 2-layer text encoder, 2 fusion layers.
-PLAIN = {"stem_channels": [], "coord_channels": False, "patch_size": 12, "vision_layers": 4,
-         "vision_mlp": 512, "text_mlp": 512, "fusion_mlp": 512}
+#: Named variants: model overrides and loss weights on top of the preset. ``no-focus`` is the
+#: baseline: the same model trained without the box_focus term (the seeker must then find the
+#: target from the box losses alone, as the design measured before this preset did).
+#: ``hybrid`` is the conv-stem backbone that tiny was first designed with.
+VARIANTS = {
+    "tiny": ({}, {}),
+    "no-focus": ({}, {"box_focus": 0.0}),
+    "hybrid": ({"stem_channels": [32, 64], "coord_channels": True, "patch_size": 3, "vision_layers": 2,
+                "vision_mlp": 256, "text_mlp": 256, "fusion_mlp": 256}, {}),
+}
 
 
 def make_data(domain: str, n_images: int, seed: int, image_size: int, max_len: int, tok=None):
@@ -77,11 +84,11 @@ def batches(data: dict, batch_size: int, rng: np.random.Generator | None = None)
         yield {k: torch.from_numpy(v[idx]) for k, v in data.items()}
 
 
-def run(name: str, overrides: dict, train, val, tok, args) -> list[dict]:
+def run(name: str, overrides: dict, weights: dict, train, val, tok, args) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(args.preset, vocab_size=len(tok), max_text_len=args.max_len, **overrides)
     n_params = sum(p.numel() for p in model.parameters())
-    crit = DateCriterion()
+    crit = DateCriterion(weights)
     opt = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05})
     sched = build_scheduler(opt, args.warmup, args.planned_steps, min_lr_ratio=0.05)
     rng = np.random.default_rng(args.seed)
@@ -104,8 +111,10 @@ def run(name: str, overrides: dict, train, val, tok, args) -> list[dict]:
                 next_eval += args.eval_every_s
             if train_s >= args.minutes * 60 or step >= args.planned_steps:
                 break
-    print(f"{name}: {n_params / 1e6:.2f} M parameters, {step} steps, {step * args.batch_size / train_s:.1f} pairs/s")
-    return curve
+    pairs_s = step * args.batch_size / train_s
+    print(f"{name}: {n_params / 1e6:.2f} M parameters, {step} steps, {pairs_s:.1f} pairs/s")
+    return {"curve": curve, "params_M": n_params / 1e6, "steps": step, "train_s": train_s,
+            "pairs_per_s": pairs_s, "overrides": overrides, "loss_weights": weights}
 
 
 def main() -> None:
@@ -125,8 +134,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="model override key=value (YAML value)")
-    ap.add_argument("--compare-plain", action="store_true", help="also train the plain-ViT baseline")
+    ap.add_argument("--variants", default="tiny,no-focus", help=f"comma-separated, of {sorted(VARIANTS)}")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--name", default="tiny_learning", help="result file bench/results/<name>.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import yaml
@@ -138,16 +148,24 @@ def main() -> None:
     print(f"data: {len(train['input_ids'])} train / {len(val['input_ids'])} val pairs "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    curves = {"tiny": run("tiny", overrides, train, val, tok, args)}
-    if args.compare_plain:
-        curves["plain"] = run("plain", {**PLAIN, **overrides}, train, val, tok, args)
-    rows = [p for c in curves.values() for p in c]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    runs = {}
+    for name in names:
+        model_over, weights = VARIANTS[name]
+        runs[name] = run(name, {**model_over, **overrides}, weights, train, val, tok, args)
+    rows = [p for r in runs.values() for p in r["curve"]]
     print(markdown_table(rows, ["run", "step", "train_s", "acc@0.5", "mIoU", "R@1"]))
+    load = os.getloadavg()
+    print(f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     if not args.no_write:
-        path = write_result("tiny_learning", {
-            "what": "val acc@0.5 / mIoU / R@1 of the tiny preset vs training wall-clock on ProductWorld mall",
-            "settings": {k: v for k, v in vars(args).items()}, "overrides": overrides,
-            "plain_baseline": PLAIN, "curves": curves, "hardware_note": hardware_string()})
+        path = write_result(args.name, {
+            "what": "val acc@0.5 / mIoU / R@1 vs training wall-clock (evaluation excluded) and steps, "
+                    "ProductWorld mall, single process, CPU",
+            "settings": dict(vars(args)), "overrides": overrides, "runs": runs,
+            "load_average_1_5_15_at_end": load, "hardware_note": hardware_string()})
         print(f"wrote {path}")
 
 

@@ -179,12 +179,19 @@ class Seeker:
         scores, idx = _search(torch.from_numpy(self.encode_queries(queries)), torch.from_numpy(gallery), k)
         if not rerank_weight:
             return scores.numpy(), idx.numpy()
-        ids, mask = self._text(list(queries))
-        text_enc = self.model.encode_text(ids, mask)
-        pixels, _ = self._pixels([images[j] for j in idx.flatten().tolist()])
-        new_scores, order, _ = rerank_by_grounding(self.model, text_enc, self.model.encode_image(pixels),
-                                                   scores.to(self.device), rerank_weight)
-        return new_scores.cpu().numpy(), idx.gather(1, order.cpu()).numpy()
+        k = idx.shape[1]
+        per_chunk = max(1, self.batch_size // k)  # queries whose k candidates fit one image batch
+        out_s, out_i = [], []
+        for start in range(0, len(queries), per_chunk):
+            sl = slice(start, start + per_chunk)
+            ids, mask = self._text(list(queries[sl]))
+            text_enc = self.model.encode_text(ids, mask)
+            pixels, _ = self._pixels([images[j] for j in idx[sl].flatten().tolist()])
+            new_scores, order, _ = rerank_by_grounding(self.model, text_enc, self.model.encode_image(pixels),
+                                                       scores[sl].to(self.device), rerank_weight)
+            out_s.append(new_scores.cpu())
+            out_i.append(idx[sl].gather(1, order.cpu()))
+        return torch.cat(out_s).numpy(), torch.cat(out_i).numpy()
 
 
 def load_seeker(path: str | Path, device: str | torch.device = "cpu", batch_size: int = 64) -> Seeker:

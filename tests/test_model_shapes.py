@@ -35,10 +35,14 @@ def check_contract(model, out, b):
     assert out["fused"].shape == (b, d)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_forward_contract_runs_for_preset(preset):
+HYBRID = {"stem_channels": [32, 64], "coord_channels": True, "patch_size": 3, "vision_layers": 2}
+
+
+@pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("small", {}), ("tiny", HYBRID)],
+                         ids=["tiny", "small", "tiny-hybrid-stem"])
+def test_forward_contract_runs_for_preset(preset, overrides):
     torch.manual_seed(0)
-    model = build_model(preset, vocab_size=500).eval()
+    model = build_model(preset, vocab_size=500, **overrides).eval()
     pixels, ids, mask = _random_inputs(model, b=2)
     with torch.no_grad():
         out = model(pixels, ids, mask)
@@ -49,7 +53,7 @@ def test_forward_contract_runs_for_preset(preset):
         grounded = model.ground(img, txt)
     torch.testing.assert_close(img["emb"], out["image_emb"])
     torch.testing.assert_close(grounded["pred_boxes"], out["pred_boxes"])
-    assert img["patches"].shape[1] == img["grid"] ** 2
+    assert img["patches"].shape[1] == img["grid"] ** 2 == (64 if preset == "tiny" else 100)
 
 
 def test_base_preset_has_vit_b16_and_bert_base_sizes():
