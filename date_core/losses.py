@@ -121,8 +121,12 @@ class DateCriterion(nn.Module):
         weight = batch.get(B.BOX_WEIGHT)
         weight = has_box if weight is None else weight.float().to(pred.device) * has_box
         zero = pred.sum() * 0.0  # keeps the graph (and DDP's unused-parameter check) intact
+        focus_on = "patch_logits" in outputs and bool(self.weights.get("box_focus", 0.0))
         if not bool((has_box > 0).any()):
-            return {"box_l1": zero, "box_giou": zero, "confidence": zero + outputs["pred_conf_logit"].sum() * 0.0}
+            out = {"box_l1": zero, "box_giou": zero, "confidence": zero + outputs["pred_conf_logit"].sum() * 0.0}
+            if focus_on:
+                out["box_focus"] = zero + outputs["patch_logits"].sum() * 0.0
+            return out
         cands, valid = candidate_boxes(batch[B.BOXES].float().to(pred.device),
                                        _opt(batch, B.ALT_BOXES, pred.device), _opt(batch, B.ALT_MASK, pred.device))
         l1 = (pred[:, None, :] - cands).abs().sum(-1)  # [B, 1+M]
@@ -139,7 +143,7 @@ class DateCriterion(nn.Module):
         out = {"box_l1": (weight * l1_best).sum() / norm,
                "box_giou": (weight * (1 - giou_best)).sum() / norm,
                "confidence": (weight * conf).sum() / norm}
-        if "patch_logits" in outputs and self.weights.get("box_focus", 0.0):
+        if focus_on:
             focus = F.cross_entropy(outputs["patch_logits"].float(), focus_targets(target, outputs["patch_logits"].shape[1]),
                                     reduction="none")
             out["box_focus"] = (weight * focus).sum() / norm

@@ -46,8 +46,9 @@ def test_target_batch_and_aligner_terms_are_added_with_their_weights(data):
     logs = train_step(model, crit, src, opt, target_batch=tgt, aligner=aligner)
     assert {"fused", "image_tokens", "query_tokens"} <= set(seen["s"]) and seen["t"]["fused"].shape[0] == 8
     w = crit.weights
-    src_total = sum(w[k] * logs[f"loss/{k}"] for k in ("retrieval", "box_l1", "box_giou", "confidence"))
-    tgt_total = sum(w[k] * logs[f"loss/target/{k}"] for k in ("retrieval", "box_l1", "box_giou", "confidence"))
+    supervised = ("retrieval", "box_l1", "box_giou", "confidence", "box_focus")
+    src_total = sum(w[k] * logs[f"loss/{k}"] for k in supervised)
+    tgt_total = sum(w[k] * logs[f"loss/target/{k}"] for k in supervised)
     assert logs["loss/total"] == pytest.approx(src_total + tgt_total + 0.25 * logs["loss/align_conditional"], rel=1e-5)
     assert logs["loss/target/box_l1"] != pytest.approx(logs["loss/box_l1"])  # pseudo weights applied
     assert logs["stepped"] == 1.0 and logs["lr"] == pytest.approx(1e-3)
