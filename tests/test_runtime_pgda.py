@@ -62,7 +62,7 @@ def test_pgda_two_rounds_killed_and_resumed(mlflow_server, pw_dataset, tmp_path)
     assert labels.num_rows == n_target == commit["rows"]
     assert 0 < labels.filter(labels["kept"]).num_rows <= n_target
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     exp = client.get_experiment_by_name("test-pgda")
     parents = client.search_runs([exp.experiment_id], "tags.`date.stage` = 'pgda'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

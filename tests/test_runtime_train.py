@@ -43,7 +43,7 @@ def test_two_workers_log_to_mlflow_and_register(tracked, pw_dataset, tmp_path):
     exp = tracking.setup("test-train")
     result = run_stage(cfg, "two-workers", experiment_id=exp, out_dir=tmp_path / "out")
 
-    client = MlflowClient(tracked)
+    client = MlflowClient(tracking_uri=tracked, registry_uri=tracked)
     run = client.get_run(result.run_id)
     assert run.data.params["runtime.num_workers"] == "2"
     assert run.data.params["train.batch_size"] == "8"

@@ -30,6 +30,13 @@ CHECKPOINT_KEY = "checkpoint"
 _MAX_PARAM_LEN = 6000
 
 
+def _client(uri: str | None = None) -> MlflowClient:
+    """A client whose tracking AND registry are ``uri`` (the registry would otherwise follow a
+    process-global setting that an earlier call may have pointed elsewhere)."""
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` or the default local SQLite store (absolute, so that Ray workers
     with another working directory log to the same file)."""
@@ -45,7 +52,7 @@ def setup(experiment: str, uri: str | None = None) -> str:
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri)
+    client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
@@ -61,7 +68,7 @@ def find_run(experiment_id: str, run_name: str, parent_run_id: str | None = None
     query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    runs = MlflowClient(uri or tracking_uri()).search_runs(
+    runs = _client(uri).search_runs(
         [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -73,7 +80,7 @@ def start_or_resume(experiment_id: str, run_name: str, stage: str, parent_run_id
     Re-running a command with the same run name continues the same MLflow run, as the Ray
     Train run continues from its checkpoint.
     """
-    client = MlflowClient(uri or tracking_uri())
+    client = _client(uri)
     run = find_run(experiment_id, run_name, parent_run_id, uri)
     if run is not None:
         if run.info.status != "RUNNING":
@@ -89,7 +96,7 @@ def start_or_resume(experiment_id: str, run_name: str, stage: str, parent_run_id
 def log_config(run_id: str, cfg: Mapping[str, Any], uri: str | None = None) -> None:
     """The full resolved config as flat ``a.b.c`` params (skipped when already logged: params
     are immutable, and a resumed run has them)."""
-    client = MlflowClient(uri or tracking_uri())
+    client = _client(uri)
     if client.get_run(run_id).data.params:
         return
     params = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg).items())]
@@ -109,11 +116,11 @@ def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int, uri: str | N
     items = [Metric(mlflow_key(k), float(v), now, int(step)) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
     for i in range(0, len(items), 500):
-        MlflowClient(uri or tracking_uri()).log_batch(run_id, metrics=items[i:i + 500])
+        _client(uri).log_batch(run_id, metrics=items[i:i + 500])
 
 
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
-    MlflowClient(uri or tracking_uri()).set_terminated(run_id, status=status)
+    _client(uri).set_terminated(run_id, status=status)
 
 
 class SeekerModel(mlflow.pyfunc.PythonModel):
@@ -145,7 +152,7 @@ def log_and_register(run_id: str, checkpoint_dir: str | Path, registered_model: 
             pip_requirements=["date-on-ray", "torch", "transformers", "tokenizers"],
         )
     version = mlflow.register_model(info.model_uri, registered_model)
-    client = MlflowClient(uri)
+    client = _client(uri)
     client.set_model_version_tag(registered_model, version.version, "run_id", run_id)
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and math.isfinite(float(value)):
