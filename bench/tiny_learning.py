@@ -94,7 +94,8 @@ def run(name: str, overrides: dict, weights: dict, train, val, tok, args) -> dic
     rng = np.random.default_rng(args.seed)
     curve, step, train_s = [], 0, 0.0
     next_eval = 0.0
-    while train_s < args.minutes * 60 and step < args.planned_steps:
+    stop = min(args.planned_steps, args.stop_at_step or args.planned_steps)
+    while train_s < args.minutes * 60 and step < stop:
         for batch in batches(train, args.batch_size, rng):
             t0 = time.perf_counter()
             train_step(model, crit, batch, opt, sched, max_grad_norm=args.clip)
@@ -102,14 +103,14 @@ def run(name: str, overrides: dict, weights: dict, train, val, tok, args) -> dic
             step += 1
             by_steps = args.eval_every_steps and step % args.eval_every_steps == 0
             if by_steps or (not args.eval_every_steps and train_s >= next_eval) or train_s >= args.minutes * 60 \
-                    or step >= args.planned_steps:
+                    or step >= stop:
                 m = evaluate(model, list(batches(val, 128)))
                 point = {"run": name, "step": step, "train_s": round(train_s, 1),
                          "acc@0.5": m["pg/acc@0.5"], "mIoU": m["pg/mIoU"], "R@1": m["pr/R@1"]}
                 curve.append(point)
                 print(json.dumps(point), flush=True)
                 next_eval += args.eval_every_s
-            if train_s >= args.minutes * 60 or step >= args.planned_steps:
+            if train_s >= args.minutes * 60 or step >= stop:
                 break
     pairs_s = step * args.batch_size / train_s
     print(f"{name}: {n_params / 1e6:.2f} M parameters, {step} steps, {pairs_s:.1f} pairs/s")
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--planned-steps", type=int, default=3000, help="cosine schedule length")
+    ap.add_argument("--stop-at-step", type=int, default=0, help="stop early (the schedule still spans --planned-steps)")
     ap.add_argument("--eval-every-s", type=float, default=60.0)
     ap.add_argument("--eval-every-steps", type=int, default=0, help="evaluate by steps instead of seconds")
     ap.add_argument("--max-len", type=int, default=24)
