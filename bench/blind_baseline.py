@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from _common import markdown_table, write_result  # noqa: E402
@@ -60,12 +61,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=2000, help="pairs per domain (default 2000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pw-config", default=None,
+                    help="YAML file of generator knobs over the defaults (e.g. bench/configs/productworld_calibrated.yaml)")
+    ap.add_argument("--domains", default="mall,live", help="comma-separated domains to sample")
+    ap.add_argument("--name", default="blind_baseline", help="result file bench/results/<name>.json")
     args = ap.parse_args(argv)
-    cfg = ProductWorldConfig()
+    knobs = yaml.safe_load(Path(args.pw_config).read_text(encoding="utf-8")) if args.pw_config else {}
+    cfg = ProductWorldConfig.from_dict(knobs)
 
     baseline_rows, reader_rows, speed_rows, stats_rows = [], [], [], []
     result: dict = {"domains": {}}
-    for domain in ("mall", "live"):
+    for domain in args.domains.split(","):
         scenes, wall, cpu = _sample(domain, args.pairs, args.seed, cfg)
         base = blind_baselines(scenes)
         reader = colour_reader(scenes)
@@ -97,9 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                 for k, v in stats.items()}})
     result["all_within_limits"] = all(r["ok"] for r in baseline_rows)
     result["seed"] = args.seed
-    path = write_result("blind_baseline", result)
+    result["pw_config"] = knobs
+    path = write_result(args.name, result)
 
-    print("### Query-blind grounding baselines (ProductWorld, default config)\n")
+    print(f"### Query-blind grounding baselines (ProductWorld, {args.pw_config or 'default config'})\n")
     print(markdown_table(baseline_rows))
     print("\n### Reading the query helps (crude colour-word reader, same oracle boxes)\n")
     print(markdown_table(reader_rows))

@@ -24,21 +24,10 @@ from .validate import (
     check_box, check_query, check_split, coerce_box, coerce_boxes, require_str,
 )
 
-RECORD_SCHEMA = pa.schema([
-    pa.field("pair_id", pa.string()),
-    pa.field("image_id", pa.string()),
-    pa.field("image", pa.binary()),
-    pa.field("image_ref", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("query", pa.string()),
-    pa.field("box", BOX_TYPE),
-    pa.field("alt_boxes", BOXES_TYPE),
-    pa.field("domain", pa.string()),
-    pa.field("split", pa.string()),
-    pa.field("item_id", pa.string()),
-    pa.field("source", pa.string()),
-])
+#: One record before ingest: every contract field a source can fill, plus ``source`` (where it
+#: came from); the same leading fields as a rejected row, so that either can become the other.
+RECORD_SCHEMA = pa.schema([REJECTED_SCHEMA.field(name) for name in REJECTED_SCHEMA.names
+                           if name not in ("raw", "reason", "detail")])
 
 #: REJECTED_SCHEMA with a nullable reason (null = kept) and ``notes``: corrections made to a
 #: kept row (``clipped_box``, ``alt_dropped:<reason>``, ``transcoded:<format>``), counted in
