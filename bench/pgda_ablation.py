@@ -20,6 +20,12 @@ optimiser and one LR schedule span all rounds, so rows differ only in their loss
     python bench/pgda_ablation.py --quick           # a few minutes: smoke test of the whole path
     python bench/pgda_ablation.py --rows source_only,oracle --name pgda_calibration
     python bench/pgda_ablation.py --data runs/data/productworld --device cuda --amp
+    # the recorded table: two processes of one thread each, then one table
+    python bench/pgda_ablation.py --rows oracle,marginal,conditional --seeds 1 --steps 800 --n-source 2000 \
+        --n-target 1000 --n-test 300 --eval-source --threads 1 \
+        --pw-config bench/configs/productworld_calibrated.yaml --name pgda_ablation_a &
+    python bench/pgda_ablation.py --rows source_only,pseudo_only,full ...same... --name pgda_ablation_b
+    python bench/pgda_ablation.py --merge bench/results/pgda_ablation_a.json bench/results/pgda_ablation_b.json
 
 Runs through the library alone (no Ray, no MLflow). Writes ``bench/results/<name>.json``.
 """
@@ -94,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="adapt.* override, e.g. --set keep_schedule=[0.2,0.4]")
     ap.add_argument("--name", default="pgda_ablation", help="result file name under bench/results/")
     ap.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RESULT.json",
+                    help="combine result files of runs with the same settings (rows run in parallel "
+                         "processes) into one table under --name, instead of training")
     args = ap.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -331,8 +340,30 @@ def summarise(results: list[dict], rows: list[str], target: str, source: str) ->
     return table
 
 
+def merge(args) -> dict:
+    """One table from result files whose runs differ only in ``rows`` (e.g. two processes)."""
+    parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
+    same = {k: v for k, v in parts[0]["args"].items() if k not in ("rows", "name", "merge")}
+    for f, part in zip(args.merge, parts):
+        other = {k: v for k, v in part["args"].items() if k not in ("rows", "name", "merge")}
+        if other != same:
+            diff = sorted(k for k in same if same.get(k) != other.get(k))
+            raise SystemExit(f"{f}: settings differ from {args.merge[0]} in {diff}; not merged")
+    results = [r for part in parts for r in part["runs"]]
+    rows = [r for r in ROWS if any(run["row"] == r for run in results)]
+    table = summarise(results, rows, same["target"], same["source"])
+    print(markdown_table(table))
+    out = {"args": {**same, "rows": ",".join(rows), "merged_from": args.merge},
+           "productworld_knobs": parts[0].get("productworld_knobs"), "data_pairs": parts[0].get("data_pairs"),
+           "runs": results, "table": table, "wall_s": max(p.get("wall_s", 0.0) for p in parts)}
+    print(f"wrote {write_result(args.name, out)}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = args.rows.split(",")
