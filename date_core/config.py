@@ -67,12 +67,34 @@ def default_config() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
+#: Settings that name a local path or an ``s3://`` URI (``model.preset`` only when it is a file).
+PATH_KEYS: tuple[tuple[str, str], ...] = (("data", "root"), ("data", "tokenizer"), ("model", "init_from"),
+                                          ("model", "preset"), ("runtime", "storage"))
+
+
+def absolute_paths(cfg: Mapping[str, Any], base: str | Path | None = None) -> dict[str, Any]:
+    """Local paths of :data:`PATH_KEYS` made absolute against ``base`` (default: the working
+    directory). Ray Train workers run in a directory of their own, where ``runs/data`` would
+    name nothing; URIs (``s3://...``), ``None`` and preset names stay as they are."""
+    out = copy.deepcopy(dict(cfg))
+    root = Path(base or Path.cwd())
+    for section, key in PATH_KEYS:
+        value = (out.get(section) or {}).get(key)
+        if not isinstance(value, str) or not value or "://" in value:
+            continue
+        path = Path(value).expanduser()
+        if key == "preset" and not (root / path).is_file() and not path.is_file():
+            continue  # a preset name such as "tiny"
+        out[section][key] = str(path if path.is_absolute() else (root / path).resolve())
+    return out
+
+
 def resolve_config(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """defaults <- ``config_file`` <- ``overrides``."""
+    """defaults <- ``config_file`` <- ``overrides``, with local paths made absolute."""
     cfg = default_config()
     if config_file:
         cfg = deep_merge(cfg, load_yaml(config_file))
-    return apply_overrides(cfg, overrides)
+    return absolute_paths(apply_overrides(cfg, overrides))
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,13 +32,17 @@ def tracked(mlflow_server, ray_module):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-def test_two_workers_log_to_mlflow_and_register(tracked, pw_dataset, tmp_path):
+def test_two_workers_log_to_mlflow_and_register(tracked, pw_dataset, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from date_core.runtime import tracking
     from date_core.runtime.supervised import run_stage
 
-    cfg = _cfg(pw_dataset, str(tmp_path / "ray"))
+    # Relative paths, as the README's commands give them: Ray Train workers run in a directory
+    # of their own, so the config must hand them absolute ones.
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(Path(os.path.relpath(pw_dataset, tmp_path)), "ray")
+    assert Path(cfg["data"]["root"]).is_absolute() and Path(cfg["runtime"]["storage"]) == tmp_path / "ray"
     cfg["runtime"]["num_workers"] = 2
     exp = tracking.setup("test-train")
     result = run_stage(cfg, "two-workers", experiment_id=exp, out_dir=tmp_path / "out")
