@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=2, help="seeds per row (model init and batch order)")
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps per row")
     ap.add_argument("--rounds", type=int, default=3, help="self-training rounds of the pseudo-label rows")
+    ap.add_argument("--first-label", type=float, default=None, metavar="FRAC",
+                    help="self-training rows label the target first after this fraction of the steps "
+                         "(later labellings split the rest evenly); default: all rounds equally long")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (learning curve)")
@@ -112,6 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     if args.steps < args.rounds:
         ap.error("--steps must be at least --rounds")
+    if args.first_label is not None and not 0.0 < args.first_label < 1.0:
+        ap.error("--first-label must lie strictly between 0 and 1")
     return args
 
 
@@ -233,6 +238,16 @@ def _curve_point(model, data: dict, step: int, args, amp) -> dict:
     return point
 
 
+def round_bounds(steps: int, rounds: int, first_label: float | None) -> np.ndarray:
+    """Step at which each round starts, plus ``steps``: ``[0, b1, ..., steps]``. Labelling a
+    model that cannot yet ground the target gives noise, so ``first_label`` lets round 0 (source
+    + alignment only) run longer than the later rounds."""
+    if rounds <= 1 or first_label is None:
+        return np.linspace(0, steps, rounds + 1).round().astype(int)
+    first = int(round(first_label * steps))
+    return np.concatenate([[0], np.linspace(first, steps, rounds).round().astype(int)])
+
+
 def run_one(row: str, seed: int, data: dict, vocab: int, max_len: int, args, progress: Progress) -> dict:
     _, use_target, align, pseudo, oracle = ROWS[row]
     device = torch.device(args.device)
@@ -264,7 +279,7 @@ def run_one(row: str, seed: int, data: dict, vocab: int, max_len: int, args, pro
     amp = torch.bfloat16 if args.amp else None
     views = build_views(adapt["views"])
     rounds = args.rounds if pseudo else 1
-    bounds = np.linspace(0, args.steps, rounds + 1).round().astype(int)
+    bounds = round_bounds(args.steps, rounds, args.first_label)
     n_src, n_tgt = data["source_train"][B.PAIR_KEY].shape[0], data["target_train"][B.PAIR_KEY].shape[0]
     labels, round_log, curve, step, t0 = None, [], [], 0, time.perf_counter()
     for r in range(rounds):

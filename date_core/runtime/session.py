@@ -1,6 +1,7 @@
 """Where a pipeline stage runs: Ray (local or a cluster), run names, dataset and tokenizer."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Mapping
@@ -20,14 +21,31 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] != "1"
     env_vars = {k: v for k, v in os.environ.items()
                 if k.startswith(("AWS_", "MLFLOW_", "RAY_DATA_")) or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    # Ray Train re-routes a worker's print() through its logger and also to stdout, so every
+    # progress line of the training loop reached the driver twice.
+    env_vars["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    runtime_env = {"env_vars": env_vars}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
         return
     cpus = os.cpu_count() or 2
+    runtime_env = {**runtime_env, "worker_process_setup_hook": "date_core.runtime.session.quiet_local_worker"}
     # address="local": a fresh Ray for this job, never one some other process left running
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
              object_store_memory=int((cfg or {}).get("runtime", {}).get("object_store_mb", 512)) * 1024 * 1024)
+
+
+#: Ray Train's placement-group cleaner asks the State API (served by the dashboard) every second
+#: whether the controller lives, and warns each time it cannot: on a local Ray without a dashboard
+#: that is hundreds of identical lines per stage. It only matters when a controller dies while
+#: its cluster lives on; a local Ray ends with this job, so the warning is noise there.
+_LOCAL_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_local_worker() -> None:
+    """Ray worker-process setup hook of the local Ray started by :func:`init_ray`."""
+    for name in _LOCAL_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def run_name(cfg: Mapping[str, Any], stage: str) -> str:
