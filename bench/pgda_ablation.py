@@ -288,10 +288,14 @@ def run_one(row: str, seed: int, data: dict, vocab: int, max_len: int, args, pro
             rnd = label_target_set(model, batches(data["target_train"], 128), views, r - 1, adapt,
                                    keep_annotations=True)
             labels = rnd.labels
-            round_log.append({**rnd.summary(), "seconds": time.perf_counter() - t_label})
+            # which signal would have picked right boxes at this round's kept fraction (monitoring)
+            by_signal = rnd.signal_precision(rnd.fraction, adapt)
+            round_log.append({**rnd.summary(), "seconds": time.perf_counter() - t_label,
+                              "precision_by_signal": by_signal})
             s = round_log[-1]
             print(f"    labelled round {r - 1}: kept {int(s['n_kept'])}/{int(s['n_pairs'])}, precision@0.5 "
-                  f"{s['precision@0.5']:.3f} (all pairs {s['all_precision@0.5']:.3f})", flush=True)
+                  f"{s['precision@0.5']:.3f} (all pairs {s['all_precision@0.5']:.3f}); top {rnd.fraction:.0%} by "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in by_signal.items() if k != "all"), flush=True)
             progress.tick(label_units(n_tgt, args))
         for step in range(bounds[r], bounds[r + 1]):
             src = hflip(take(data["source_train"], rng.choice(n_src, args.batch_size, replace=False)), rng)

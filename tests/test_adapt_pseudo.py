@@ -227,3 +227,26 @@ def test_label_target_set_keeps_the_reliable_pairs_and_reports_their_precision()
     # Without hidden boxes there is no precision, and selection is unchanged.
     plain = label_target_set(LocalisingModel(), halves, build_views(["identity", "hflip", "scale_0.5"]), 1, cfg)
     assert "precision@0.5" not in plain.summary() and np.array_equal(plain.keep, rnd.keep)
+
+
+def test_signal_precision_tells_which_signal_finds_right_boxes():
+    from date_core.adapt.selftrain import LabelRound
+
+    # 10 pairs, 4 right boxes (0-3). Agreement ranks the right ones first, confidence the wrong
+    # ones first: a reliability built on confidence would keep wrong boxes.
+    gt = np.tile(np.array([[0.5, 0.5, 0.2, 0.2]], np.float32), (10, 1))
+    box = gt.copy()
+    box[4:, 0] = 0.1  # moved off the target: IoU 0
+    right = np.arange(10) < 4
+    pred = {"box": box, f"gt_{B.BOXES}": gt, f"gt_{B.HAS_BOX}": np.ones(10, np.float32),
+            "agreement": np.where(right, 0.9, 0.2).astype(np.float32),
+            "confidence": np.where(right, 0.1, 0.9).astype(np.float32)}
+    reliability = ((pred["agreement"] + pred["confidence"]) / 2).astype(np.float32)
+    rnd = LabelRound(0, pred, reliability, np.zeros(10, bool), {}, 0.3)
+    prec = rnd.signal_precision(0.3)
+    assert prec["agreement"] == 1.0 and prec["confidence"] == 0.0
+    assert prec["all"] == pytest.approx(0.4) and "retrieval" not in prec
+    assert prec["reliability"] == 0.0  # 0.55 (wrong) beats 0.5 (right)
+    # Without hidden boxes there is nothing to measure.
+    plain = {k: v for k, v in pred.items() if not k.startswith("gt_")}
+    assert LabelRound(0, plain, reliability, np.zeros(10, bool), {}, 0.3).signal_precision(0.3) == {}

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from .. import batch as B
+from ..boxes import best_match_iou
 from ..metrics import grounding_metrics
-from .pseudo import build_pseudo_labels, concat_predictions, kept_fraction, predict_views, score_and_select
+from .pseudo import (build_pseudo_labels, concat_predictions, kept_fraction, predict_views, retrieval_hits,
+                     score_and_select)
 from .views import View
 
 
@@ -53,6 +55,39 @@ class LabelRound:
             out["precision@0.5"] = self._acc(kept)["pg/acc@0.5"]
             out["mIoU"] = self._acc(kept)["pg/mIoU"]
             out["all_precision@0.5"] = self._acc(has)["pg/acc@0.5"]
+        return out
+
+    def signal_precision(self, fraction: float, cfg_adapt: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Which signal finds right boxes: precision@0.5 of the consensus boxes of the top
+        ``fraction`` of pairs ranked by each reliability signal alone, by the combined
+        reliability, and over all pairs (``all``). Needs the hidden target boxes
+        (``keep_annotations=True``); for calibrating ``adapt.reliability`` on a few annotated
+        target pairs, never for selection. Ties rank in pair order (a stable sort), so a
+        binary signal such as ``retrieval`` ranks its hits first.
+
+        Returns ``{"agreement", "confidence", "retrieval" (with embeddings), "reliability",
+        "all"}`` -> precision in [0, 1] (``nan`` without annotations or pairs).
+        """
+        gt_key = f"gt_{B.BOXES}"
+        p = self.predictions
+        n = int(self.keep.shape[0])
+        if gt_key not in p or n == 0:
+            return {}
+        alt, mask = p.get(f"gt_{B.ALT_BOXES}"), p.get(f"gt_{B.ALT_MASK}")
+        iou, _ = best_match_iou(torch.from_numpy(p["box"]).float(), torch.from_numpy(p[gt_key]).float(),
+                                None if alt is None else torch.from_numpy(alt).float(),
+                                None if mask is None else torch.from_numpy(mask).bool())
+        has = np.asarray(p.get(f"gt_{B.HAS_BOX}", np.ones(n))) > 0
+        right = (iou.numpy() >= 0.5)[has]
+        signals = {"agreement": p["agreement"], "confidence": p["confidence"]}
+        if all(k in p for k in ("query_emb", "image_emb", B.IMAGE_KEY)):
+            signals["retrieval"] = retrieval_hits(p["query_emb"], p["image_emb"], p[B.IMAGE_KEY],
+                                                  int((cfg_adapt or {}).get("retrieval_topk", 5))).astype(np.float32)
+        signals["reliability"] = self.reliability
+        k = max(1, int(round(fraction * int(has.sum()))))
+        out = {name: float(right[np.argsort(-np.asarray(sig, dtype=np.float64)[has], kind="stable")[:k]].mean())
+               for name, sig in signals.items()}
+        out["all"] = float(right.mean()) if right.size else float("nan")
         return out
 
     def _acc(self, rows: np.ndarray) -> dict[str, float]:
