@@ -100,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from date_core.data.sample import write_small_productworld
-
     from date_core.data import io
+    from date_core.data.sample import write_small_productworld
 
     # ~0.8 of the images land in train, ~1.1 pairs each; 25% headroom for drop_last and shards
     images = args.images or int(args.steps * args.batch_size * 1.25 / 0.8 / 1.1) + 50

@@ -19,7 +19,6 @@ import torch
 
 from .. import batch as B
 from ..boxes import best_match_iou
-from ..metrics import grounding_metrics
 from .pseudo import (build_pseudo_labels, concat_predictions, kept_fraction, predict_views, retrieval_hits,
                      score_and_select)
 from .views import View
@@ -48,13 +47,13 @@ class LabelRound:
             "reliability_kept_mean": float(self.reliability[self.keep].mean()) if self.keep.any() else float("nan"),
             "agreement_mean": float(self.predictions["agreement"].mean()) if n else float("nan"),
         }
-        gt_key = f"gt_{B.BOXES}"
-        if gt_key in self.predictions:
-            has = np.asarray(self.predictions.get(f"gt_{B.HAS_BOX}", np.ones(n))) > 0
+        iou = self._best_iou()
+        if iou is not None:
+            has = self._has_box()
             kept = self.keep & has
-            out["precision@0.5"] = self._acc(kept)["pg/acc@0.5"]
-            out["mIoU"] = self._acc(kept)["pg/mIoU"]
-            out["all_precision@0.5"] = self._acc(has)["pg/acc@0.5"]
+            out["precision@0.5"] = _mean(iou[kept] >= 0.5)
+            out["mIoU"] = _mean(iou[kept])
+            out["all_precision@0.5"] = _mean(iou[has] >= 0.5)
         return out
 
     def signal_precision(self, fraction: float, cfg_adapt: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -66,37 +65,45 @@ class LabelRound:
         binary signal such as ``retrieval`` ranks its hits first.
 
         Returns ``{"agreement", "confidence", "retrieval" (with embeddings), "reliability",
-        "all"}`` -> precision in [0, 1] (``nan`` without annotations or pairs).
+        "all"}`` -> precision in [0, 1]; ``{}`` without annotated pairs.
         """
-        gt_key = f"gt_{B.BOXES}"
-        p = self.predictions
-        n = int(self.keep.shape[0])
-        if gt_key not in p or n == 0:
+        iou = self._best_iou()
+        has = self._has_box()
+        if iou is None or not has.any():
             return {}
-        alt, mask = p.get(f"gt_{B.ALT_BOXES}"), p.get(f"gt_{B.ALT_MASK}")
-        iou, _ = best_match_iou(torch.from_numpy(p["box"]).float(), torch.from_numpy(p[gt_key]).float(),
-                                None if alt is None else torch.from_numpy(alt).float(),
-                                None if mask is None else torch.from_numpy(mask).bool())
-        has = np.asarray(p.get(f"gt_{B.HAS_BOX}", np.ones(n))) > 0
-        right = (iou.numpy() >= 0.5)[has]
+        p = self.predictions
+        right = iou[has] >= 0.5
         signals = {"agreement": p["agreement"], "confidence": p["confidence"]}
         if all(k in p for k in ("query_emb", "image_emb", B.IMAGE_KEY)):
             signals["retrieval"] = retrieval_hits(p["query_emb"], p["image_emb"], p[B.IMAGE_KEY],
                                                   int((cfg_adapt or {}).get("retrieval_topk", 5))).astype(np.float32)
         signals["reliability"] = self.reliability
-        k = max(1, int(round(fraction * int(has.sum()))))
+        k = max(1, int(round(fraction * right.size)))
         out = {name: float(right[np.argsort(-np.asarray(sig, dtype=np.float64)[has], kind="stable")[:k]].mean())
                for name, sig in signals.items()}
-        out["all"] = float(right.mean()) if right.size else float("nan")
+        out["all"] = float(right.mean())
         return out
 
-    def _acc(self, rows: np.ndarray) -> dict[str, float]:
+    def _has_box(self) -> np.ndarray:
+        """Which pairs carry a hidden target box ``[N]`` bool (all, when ``gt_has_box`` is absent)."""
+        n = int(self.keep.shape[0])
+        return np.asarray(self.predictions.get(f"gt_{B.HAS_BOX}", np.ones(n))) > 0
+
+    def _best_iou(self) -> np.ndarray | None:
+        """IoU of each pair's consensus box with its best hidden answer (``box`` or an
+        ``alt_boxes`` entry) ``[N]``; ``None`` without hidden annotations."""
         p = self.predictions
-        alt = p.get(f"gt_{B.ALT_BOXES}")
-        mask = p.get(f"gt_{B.ALT_MASK}")
-        return grounding_metrics(torch.from_numpy(p["box"][rows]), torch.from_numpy(p[f"gt_{B.BOXES}"][rows]),
-                                 None if alt is None else torch.from_numpy(alt[rows]),
-                                 None if mask is None else torch.from_numpy(mask[rows]))
+        if f"gt_{B.BOXES}" not in p:
+            return None
+        alt, mask = p.get(f"gt_{B.ALT_BOXES}"), p.get(f"gt_{B.ALT_MASK}")
+        iou, _ = best_match_iou(torch.from_numpy(p["box"]).float(), torch.from_numpy(p[f"gt_{B.BOXES}"]).float(),
+                                None if alt is None else torch.from_numpy(alt).float(),
+                                None if mask is None else torch.from_numpy(mask).bool())
+        return iou.numpy()
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values)) if values.size else float("nan")
 
 
 def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], views: Sequence[View],
