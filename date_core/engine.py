@@ -110,7 +110,8 @@ def train_step(model: nn.Module, criterion: DateCriterion, batch: Batch, optimiz
     """One micro-step: forward, loss, backward; the optimiser steps every ``grad_accum`` micro-steps.
 
     Loss = criterion on the source ``batch``; plus, with ``target_batch``, the criterion on the
-    target (retrieval always, box terms only where ``has_box``, weighted by ``box_weight``);
+    target in pseudo mode (retrieval always; ``pseudo_box_*`` terms only where ``has_box``,
+    weighted per pair by ``box_weight``; no confidence term);
     plus, with ``aligner``, ``aligner(source_outputs, target_outputs)`` -> named terms weighted
     by ``criterion.weights``. Returns floats: ``loss/<term>`` (source), ``loss/target/<term>``,
     ``loss/<alignment term>``, ``loss/total`` and ``lr``; ``stepped`` is 1.0 when the optimiser
@@ -135,7 +136,8 @@ def train_step(model: nn.Module, criterion: DateCriterion, batch: Batch, optimiz
             if target_batch is not None:
                 tgt = to_device(target_batch, device)
                 tgt_out = _forward(model, tgt)
-                tgt_terms = criterion(tgt_out, tgt)
+                # target boxes are pseudo boxes: their own weights, never the confidence head
+                tgt_terms = criterion(tgt_out, tgt, pseudo=True)
                 total = total + criterion.total(tgt_terms)
                 logs.update({f"loss/target/{k}": float(v.detach()) for k, v in tgt_terms.items()})
                 if aligner is not None:

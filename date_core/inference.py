@@ -44,6 +44,8 @@ def _portable_config(model: DateModel) -> dict:
         if cfg[f"{side}_pretrained"]:
             cfg[f"{side}_hf_config"] = enc.backbone.config.to_dict()
             cfg[f"{side}_pretrained"] = None
+    # the checkpoint's weights replace the packaged ImageNet ones: rebuilding needs no weights package
+    cfg["vision_backbone_weights"] = False
     return cfg
 
 

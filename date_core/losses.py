@@ -9,6 +9,11 @@ signal that the soft-argmax box centre alone gives only weakly; on ProductWorld 
 tiny's val Acc@0.5 after 300 steps from 0.27 to 0.41), and the adaptation slots filled by the
 aligner: ``align_marginal_image``, ``align_marginal_query``, ``align_conditional``,
 ``adversarial``.
+
+Pseudo boxes (PG-DA self-training) train through their own terms, ``pseudo_box_l1``,
+``pseudo_box_giou`` and ``pseudo_box_focus``, so their weights sit below the source boxes' and
+can be swept apart; a target batch never trains the confidence head (it must not grade its own
+labels: its targets would be the IoU with a box the model itself produced).
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ from . import batch as B
 from .boxes import candidate_boxes, box_iou, cxcywh_to_xyxy, generalized_box_iou
 
 SUPERVISED_TERMS = ("retrieval", "box_l1", "box_giou", "confidence", "box_focus")
+PSEUDO_TERMS = ("pseudo_box_l1", "pseudo_box_giou", "pseudo_box_focus")
 ALIGNMENT_TERMS = ("align_marginal_image", "align_marginal_query", "align_conditional", "adversarial")
-LOSS_NAMES = SUPERVISED_TERMS + ALIGNMENT_TERMS
+LOSS_NAMES = SUPERVISED_TERMS + PSEUDO_TERMS + ALIGNMENT_TERMS
 DEFAULT_WEIGHTS = {"retrieval": 1.0, "box_l1": 5.0, "box_giou": 2.0, "confidence": 1.0, "box_focus": 1.0,
+                   "pseudo_box_l1": 2.5, "pseudo_box_giou": 1.0, "pseudo_box_focus": 0.5,
                    "align_marginal_image": 0.0, "align_marginal_query": 0.0,
                    "align_conditional": 0.0, "adversarial": 0.0}
 
@@ -107,21 +114,31 @@ class DateCriterion(nn.Module):
         self.weights = merged
         self.gather = gather
 
-    def forward(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
+                pseudo: bool = False) -> dict[str, Tensor]:
+        """Unweighted terms. ``pseudo=True`` (a target batch whose boxes are pseudo boxes):
+        the box terms come back as ``pseudo_box_*`` and there is no ``confidence`` term."""
         terms = {"retrieval": info_nce(outputs["image_emb"], outputs["query_emb"], outputs["logit_scale"],
                                        batch.get(B.ITEM_KEY), gather=self.gather)}
-        terms.update(self.box_terms(outputs, batch))
+        boxes = self.box_terms(outputs, batch, focus_weight_name="pseudo_box_focus" if pseudo else "box_focus")
+        if pseudo:
+            boxes.pop("confidence")
+            boxes = {f"pseudo_{k}": v for k, v in boxes.items()}
+        terms.update(boxes)
         return terms
 
-    def box_terms(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def box_terms(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
+                  focus_weight_name: str = "box_focus") -> dict[str, Tensor]:
         pred = outputs["pred_boxes"].float()
         n = pred.shape[0]
         has_box = batch.get(B.HAS_BOX)
+        if B.BOXES not in batch:  # e.g. target pairs before any pseudo box exists
+            has_box = torch.zeros(n, device=pred.device)
         has_box = torch.ones(n, device=pred.device) if has_box is None else has_box.float().to(pred.device)
         weight = batch.get(B.BOX_WEIGHT)
         weight = has_box if weight is None else weight.float().to(pred.device) * has_box
         zero = pred.sum() * 0.0  # keeps the graph (and DDP's unused-parameter check) intact
-        focus_on = "patch_logits" in outputs and bool(self.weights.get("box_focus", 0.0))
+        focus_on = "patch_logits" in outputs and bool(self.weights.get(focus_weight_name, 0.0))
         if not bool((has_box > 0).any()):
             out = {"box_l1": zero, "box_giou": zero, "confidence": zero + outputs["pred_conf_logit"].sum() * 0.0}
             if focus_on:

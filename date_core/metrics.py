@@ -15,10 +15,15 @@ Conventions:
   ``pr/n_queries_without_relevant``); if none is left, the PR metrics are NaN.
 - Grounding: a prediction's IoU is its best over ``box`` and the valid ``alt_boxes``;
   ``acc@t`` counts IoU >= t.
+- Metrics written as JSON go through :func:`metrics_json` (:func:`json_safe`): a NaN or
+  infinite value (no labelled boxes, no relevant image) is written as ``null``, never as the
+  ``NaN`` / ``Infinity`` tokens that strict JSON parsers reject.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import math
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -146,3 +151,32 @@ def grounding_metrics(pred_boxes, boxes, alt_boxes=None, alt_mask=None,
 def prefixed(metrics: dict[str, float], tag: str) -> dict[str, float]:
     """``{"pg/mIoU": x}`` -> ``{"<tag>/pg/mIoU": x}`` (e.g. ``tag="live_test"``)."""
     return {f"{tag}/{k}": v for k, v in metrics.items()}
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float (Python, numpy or 0-d tensor) replaced by ``None``,
+    numpy / torch scalars turned into Python numbers and arrays / tuples into lists, recursing
+    through dicts, lists and tuples; anything else is returned as is."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Tensor):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def metrics_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj`` after :func:`json_safe` (NaN / inf -> ``null``). Dumped with
+    ``allow_nan=False`` so that a value that slips past ``json_safe`` fails loudly instead of
+    writing invalid JSON. ``kwargs`` go to :func:`json.dumps` (e.g. ``indent=2``)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)

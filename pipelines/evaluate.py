@@ -4,7 +4,8 @@
 MODEL is a local checkpoint folder or an MLflow model URI (models:/NAME@champion,
 models:/NAME/VERSION, runs:/RUN_ID/model; tracking server from MLFLOW_TRACKING_URI, else
 runs/mlflow.db). The JSON holds <domain>_<split>/pr/R@1, R@5, R@10, mAP@10 and
-<domain>_<split>/pg/mIoU, acc@0.3, acc@0.5, acc@0.7.
+<domain>_<split>/pg/mIoU, acc@0.3, acc@0.5, acc@0.7; a metric that is undefined on the split
+(e.g. the pg/* ones when no pair has a box) is written as null.
 
   python pipelines/evaluate.py --model models:/date-seeker@champion --data runs/data/productworld \\
       --domain live --split test --out metrics.json --png predictions.png
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from date_core.evaluation import evaluate_split, samples_in_pixels
+    from date_core.metrics import metrics_json
     from date_core.runtime.tracking import download_checkpoint
 
     print(f"[evaluate] {args.model} on {args.data} {args.domain}/{args.split}", flush=True)
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"model": args.model, "data": args.data, "domain": args.domain, "split": args.split,
            **{k: v for k, v in sorted(ev.metrics.items())}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    # NaN metrics (e.g. pg/* on a split without boxes) are written as null: strict JSON.
+    Path(args.out).write_text(metrics_json(out, indent=2))
     if args.png:
         from date_core.report import prediction_grid
 

@@ -93,3 +93,32 @@ def test_view_names_are_validated():
         build_views("hflip")
     with pytest.raises(ValueError, match=r"\[B, 3, S, S\]"):
         build_view("scale_0.5").apply(torch.zeros(3, S, S))
+
+
+def test_random_zoom_out_shrinks_images_and_moves_their_boxes_exactly():
+    from date_core.adapt import random_zoom_out
+    from date_core.batch import IMAGE_MEAN, IMAGE_STD
+
+    s, n = 64, 6
+    white = (1.0 - IMAGE_MEAN[0]) / IMAGE_STD[0]
+    pixels = torch.full((n, 3, s, s), -1.0)
+    pixels[:, :, 16:48, 8:40] = white                      # a bright box, x 8..40, y 16..48
+    box = torch.tensor([[24 / s, 32 / s, 32 / s, 32 / s]]).repeat(n, 1)
+    alt = torch.zeros(n, 2, 4)
+    alt[:, 0] = box[0]
+    gen = torch.Generator().manual_seed(0)
+    out = random_zoom_out({"pixel_values": pixels, "boxes": box, "alt_boxes": alt}, (0.5, 0.8), prob=1.0,
+                          generator=gen)
+    assert (out["boxes"][:, 2] < box[:, 2]).all() and (out["boxes"][:, 2] >= 0.5 * box[:, 2] - 1e-6).all()
+    assert torch.equal(out["alt_boxes"][:, 1], alt[:, 1])  # empty slots stay empty
+    assert torch.allclose(out["alt_boxes"][:, 0], out["boxes"])
+    for i in range(n):
+        bright = out["pixel_values"][i, 0] > 0.0           # the pad grey and the background are darker
+        ys, xs = torch.nonzero(bright, as_tuple=True)
+        cx, cy, w, h = (out["boxes"][i] * s).tolist()
+        assert abs(xs.min().item() - (cx - w / 2)) <= 1.5 and abs(xs.max().item() + 1 - (cx + w / 2)) <= 1.5
+        assert abs(ys.min().item() - (cy - h / 2)) <= 1.5 and abs(ys.max().item() + 1 - (cy + h / 2)) <= 1.5
+    same = random_zoom_out({"pixel_values": pixels, "boxes": box}, (0.5, 0.8), prob=0.0)
+    assert same["pixel_values"] is pixels
+    with pytest.raises(ValueError):
+        random_zoom_out({"pixel_values": pixels, "boxes": box}, (0.1, 0.8), prob=1.0)

@@ -48,9 +48,12 @@ def test_target_batch_and_aligner_terms_are_added_with_their_weights(data):
     w = crit.weights
     supervised = ("retrieval", "box_l1", "box_giou", "confidence", "box_focus")
     src_total = sum(w[k] * logs[f"loss/{k}"] for k in supervised)
-    tgt_total = sum(w[k] * logs[f"loss/target/{k}"] for k in supervised)
+    # target boxes are pseudo boxes: their own weights, and no confidence term
+    pseudo = ("retrieval", "pseudo_box_l1", "pseudo_box_giou", "pseudo_box_focus")
+    assert "loss/target/confidence" not in logs
+    tgt_total = sum(w[k] * logs[f"loss/target/{k}"] for k in pseudo)
     assert logs["loss/total"] == pytest.approx(src_total + tgt_total + 0.25 * logs["loss/align_conditional"], rel=1e-5)
-    assert logs["loss/target/box_l1"] != pytest.approx(logs["loss/box_l1"])  # pseudo weights applied
+    assert logs["loss/target/pseudo_box_l1"] != pytest.approx(logs["loss/box_l1"])  # per-pair box weights applied
     assert logs["stepped"] == 1.0 and logs["lr"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="target_batch"):
         train_step(model, crit, src, opt, aligner=aligner)

@@ -39,7 +39,7 @@ def test_two_workers_on_two_nodes(two_nodes, pw_dataset, tmp_path):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = resolve_config(None, [
         f"data.root={pw_dataset}", "data.max_val_pairs=16", f"runtime.storage={tmp_path / 'ray'}",
-        "train.batch_size=8", "train.max_steps=3", "train.checkpoint_every=100",
+        "model.preset=tiny", "train.batch_size=8", "train.max_steps=3", "train.checkpoint_every=100",
         # one trainer slot per node places one worker on each; the worker asks for no CPU so
         # that each node's CPU stays free for Ray Data (its file listing needs a whole CPU)
         "runtime.num_workers=2", "runtime.cpus_per_worker=0", "runtime.worker_resources={trainer_slot: 1}",

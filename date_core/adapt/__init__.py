@@ -5,7 +5,8 @@
 - :mod:`.views` — augmented views with exact box mapping back (``build_views``).
 - :mod:`.pseudo` — the pseudo box generator: ``predict_views`` per batch, then
   ``score_and_select`` over the whole target set, ``build_pseudo_labels``.
-- :mod:`.selftrain` — one in-process labelling round (``label_target_set``).
+- :mod:`.selftrain` — self-training shared by the Ray pipeline and the benchmark: the EMA
+  teacher, ``adaptation_step``, ``select_round``, ``label_target_set``.
 - :mod:`.mmd`, :mod:`.grl` — the building blocks.
 """
 from __future__ import annotations
@@ -15,9 +16,10 @@ from .aligner import (ADVERSARIAL, CONDITIONAL, MARGINAL_IMAGE, MARGINAL_QUERY, 
 from .grl import GradientReversal, grad_reverse, grl_coefficient
 from .mmd import joint_mk_mmd, mk_mmd
 from .pseudo import (attach_pseudo_boxes, build_pseudo_labels, concat_predictions, kept_fraction, predict_views,
-                     retrieval_hits, score_and_select)
-from .selftrain import LabelRound, label_target_set
-from .views import View, build_view, build_views
+                     retrieval_hits, score_and_select, swap_partners)
+from .selftrain import (EMATeacher, LabelRound, adaptation_step, ema_decay_for, label_target_set, select_round,
+                        zoom_settings)
+from .views import View, build_view, build_views, random_zoom_out
 
 __all__ = [
     "ADVERSARIAL", "CONDITIONAL", "MARGINAL_IMAGE", "MARGINAL_QUERY",
@@ -25,5 +27,6 @@ __all__ = [
     "GradientReversal", "grad_reverse", "grl_coefficient", "mk_mmd", "joint_mk_mmd",
     "View", "build_view", "build_views",
     "predict_views", "concat_predictions", "retrieval_hits", "score_and_select", "kept_fraction",
-    "build_pseudo_labels", "attach_pseudo_boxes", "LabelRound", "label_target_set",
+    "build_pseudo_labels", "attach_pseudo_boxes", "swap_partners", "LabelRound", "label_target_set",
+    "select_round", "EMATeacher", "ema_decay_for", "adaptation_step", "zoom_settings", "random_zoom_out",
 ]

@@ -29,7 +29,7 @@ from .. import batch as B
 from ..boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
 from .views import Identity, View
 
-RELIABILITY_SIGNALS = ("agreement", "confidence", "retrieval")
+RELIABILITY_SIGNALS = ("agreement", "confidence", "retrieval", "sensitivity")
 CONSENSUS_KINDS = ("median", "mean")
 
 
@@ -55,9 +55,32 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def swap_partners(item_key: np.ndarray, image_key: np.ndarray | None = None) -> np.ndarray:
+    """For each pair, another pair of the batch whose query names a different product ->
+    index ``[N]`` (-1 where the batch has none). A query of another product shown in the *same*
+    image is preferred (a model that reads the query must then move its box to that product);
+    otherwise the next pair with a different product, cyclically."""
+    item_key = np.asarray(item_key)
+    n = item_key.shape[0]
+    image_key = np.arange(n) if image_key is None else np.asarray(image_key)
+    partner = np.full(n, -1, dtype=np.int64)
+    for i in range(n):
+        other = item_key != item_key[i]
+        same_image = np.flatnonzero(other & (image_key == image_key[i]))
+        if same_image.size:
+            partner[i] = same_image[0]
+            continue
+        cand = np.flatnonzero(other)
+        if cand.size:
+            after = cand[cand > i]
+            partner[i] = after[0] if after.size else cand[0]
+    return partner
+
+
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Sequence[View],
-                  consensus: str = "median", keep_annotations: bool = False) -> dict[str, np.ndarray]:
+                  consensus: str = "median", keep_annotations: bool = False,
+                  sensitivity: bool = True) -> dict[str, np.ndarray]:
     """Predict one target batch under every view; the per-pair part of pseudo-labelling.
 
     Args:
@@ -70,6 +93,10 @@ def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Seque
         keep_annotations: also pass the batch's hidden target annotations through as
             ``gt_boxes``, ``gt_has_box``, ``gt_alt_boxes``, ``gt_alt_mask`` to *monitor*
             pseudo-label precision; nothing in the selection reads them.
+        sensitivity: also ground each image with another product's query (see
+            :func:`swap_partners`; needs ``item_key``) and return ``sensitivity [N]`` =
+            1 - IoU(own box, swapped box): a box that does not move is not reading the query.
+            0 where the batch holds no other product. One extra forward pass.
     Returns numpy arrays (N = batch size, V = number of views):
         ``view_boxes [N, V, 4]`` cxcywh in the original square, clipped to [0, 1];
         ``box [N, 4]`` consensus, cxcywh; ``agreement [N]`` mean pairwise IoU of the views'
@@ -101,6 +128,15 @@ def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Seque
         if emb is None:
             out = model(pixels, ids, mask)
             emb = (out["image_emb"], out["query_emb"])
+        sens = None
+        if sensitivity and B.ITEM_KEY in batch:
+            partner = swap_partners(np.asarray(torch.as_tensor(batch[B.ITEM_KEY]).cpu()),
+                                    None if B.IMAGE_KEY not in batch else np.asarray(torch.as_tensor(batch[B.IMAGE_KEY]).cpu()))
+            found = torch.from_numpy(partner >= 0).to(device)
+            idx = torch.from_numpy(np.where(partner >= 0, partner, np.arange(partner.shape[0]))).to(device)
+            own = cxcywh_to_xyxy(boxes[0] if isinstance(views[0], Identity) else model(pixels, ids, mask)["pred_boxes"].float())
+            swapped = cxcywh_to_xyxy(model(pixels, ids[idx], mask[idx])["pred_boxes"].float())
+            sens = torch.where(found, 1.0 - box_iou(own.clamp(0, 1), swapped.clamp(0, 1)), torch.zeros_like(found, dtype=torch.float32))
     finally:
         model.train(was_training)
     view_xyxy = cxcywh_to_xyxy(torch.stack(boxes, dim=1)).clamp(0.0, 1.0)        # [N, V, 4]
@@ -121,6 +157,8 @@ def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Seque
         "image_emb": emb[0].float().cpu().numpy(),
         "query_emb": emb[1].float().cpu().numpy(),
     }
+    if sens is not None:
+        result["sensitivity"] = sens.cpu().numpy().astype(np.float32)
     for key in (B.PAIR_KEY, B.IMAGE_KEY, B.ORIG_SIZE):
         if key in batch:
             result[key] = np.asarray(torch.as_tensor(batch[key]).cpu().numpy())
@@ -176,9 +214,9 @@ def score_and_select(pred: Mapping[str, np.ndarray], round_index: int, cfg_adapt
     """Reliability of every target pair and the kept mask of this labelling round.
 
     ``reliability = sum_s w_s * signal_s / sum_s w_s`` over the signals ``agreement``,
-    ``confidence`` (both in [0, 1]) and ``retrieval`` (1 when the query retrieves its own
-    image in the top ``retrieval_topk`` of the whole target gallery), with weights
-    ``cfg_adapt['reliability']``. The ``kept_fraction(keep_schedule, round_index)`` most
+    ``confidence``, ``sensitivity`` (all in [0, 1]) and ``retrieval`` (1 when the query
+    retrieves its own image in the top ``retrieval_topk`` of the whole target gallery), with
+    weights ``cfg_adapt['reliability']``. The ``kept_fraction(keep_schedule, round_index)`` most
     reliable pairs are kept, except pairs at or below ``min_reliability`` (default 0), which
     are never kept.
 
@@ -201,6 +239,11 @@ def score_and_select(pred: Mapping[str, np.ndarray], round_index: int, cfg_adapt
     agreement = np.asarray(pred["agreement"], dtype=np.float64)
     n = agreement.shape[0]
     signals = {"agreement": agreement, "confidence": np.clip(np.asarray(pred["confidence"], dtype=np.float64), 0, 1)}
+    if weights.get("sensitivity", 0.0) > 0:
+        if "sensitivity" not in pred:
+            raise ValueError("adapt.reliability weighs 'sensitivity' but the predictions have none "
+                             "(predict_views(..., sensitivity=True) needs item_key in the batch)")
+        signals["sensitivity"] = np.clip(np.asarray(pred["sensitivity"], dtype=np.float64), 0, 1)
     if weights.get("retrieval", 0.0) > 0:
         signals["retrieval"] = retrieval_hits(
             pred["query_emb"], pred["image_emb"], pred[B.IMAGE_KEY], int(cfg_adapt.get("retrieval_topk", 5)),

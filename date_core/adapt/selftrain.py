@@ -1,24 +1,36 @@
-"""One labelling round of PG-DA self-training, in process (no Ray).
+"""PG-DA self-training, one implementation for the Ray pipeline and the ablation benchmark.
 
-The distributed pipeline maps :func:`~date_core.adapt.pseudo.predict_views` over the target
-set with a Ray Data actor pool and then calls the same global step; this module is that recipe
-for an iterable of batches (tests, benchmarks, a single machine)::
+The pieces (no Ray here; the runtime and ``bench/pgda_ablation.py`` differ only in how batches
+arrive):
+
+- :class:`EMATeacher` and :func:`ema_decay_for`: the teacher is the student's weights averaged
+  over optimiser steps, with a half-life that is a fraction of the run (``adapt.ema_half_life``),
+  so a 300-step run and a 30,000-step run average over the same share of their training;
+- :func:`adaptation_step`: one optimiser micro-step on a source batch (its supervised loss in
+  every step) plus a target batch (retrieval on target pairs, pseudo boxes with their own
+  weights, alignment), the aligner's warm-up progress in optimiser steps, then the teacher update;
+- :func:`select_round`: scores the whole target set's per-pair predictions, keeps the round's
+  most reliable fraction and builds the pseudo-labels (the Ray actor pool and
+  :func:`label_target_set` both end here);
+- :func:`label_target_set`: the in-process labelling of an iterable of target batches::
 
     views = build_views(cfg["adapt"]["views"])
-    rnd = label_target_set(model, target_batches, views, round_index, cfg["adapt"])
+    rnd = label_target_set(teacher.model, target_batches, views, round_index, cfg["adapt"])
     rnd.labels          # pseudo-label rows: pair_key, box, box_weight, score, round (+ box_xyxy)
     rnd.summary()       # counts, kept fraction, and pseudo-label precision where hidden boxes exist
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import batch as B
-from ..boxes import best_match_iou
+from ..boxes import best_match_iou, candidate_boxes, cxcywh_to_xyxy
 from .pseudo import (build_pseudo_labels, concat_predictions, kept_fraction, predict_views, retrieval_hits,
                      score_and_select)
 from .views import View
@@ -54,6 +66,10 @@ class LabelRound:
             out["precision@0.5"] = _mean(iou[kept] >= 0.5)
             out["mIoU"] = _mean(iou[kept])
             out["all_precision@0.5"] = _mean(iou[has] >= 0.5)
+            # the patch-level view (box_focus): is the pseudo box centred on a right product?
+            centred = self._centre_inside()
+            out["centre_precision"] = _mean(centred[kept])
+            out["all_centre_precision"] = _mean(centred[has])
         return out
 
     def signal_precision(self, fraction: float, cfg_adapt: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -64,8 +80,9 @@ class LabelRound:
         target pairs, never for selection. Ties rank in pair order (a stable sort), so a
         binary signal such as ``retrieval`` ranks its hits first.
 
-        Returns ``{"agreement", "confidence", "retrieval" (with embeddings), "reliability",
-        "all"}`` -> precision in [0, 1]; ``{}`` without annotated pairs.
+        Returns ``{"agreement", "confidence", "sensitivity" (when predicted), "retrieval"
+        (with embeddings), "reliability", "all"}`` -> precision in [0, 1]; ``{}`` without
+        annotated pairs.
         """
         iou = self._best_iou()
         has = self._has_box()
@@ -74,6 +91,8 @@ class LabelRound:
         p = self.predictions
         right = iou[has] >= 0.5
         signals = {"agreement": p["agreement"], "confidence": p["confidence"]}
+        if "sensitivity" in p:
+            signals["sensitivity"] = p["sensitivity"]
         if all(k in p for k in ("query_emb", "image_emb", B.IMAGE_KEY)):
             signals["retrieval"] = retrieval_hits(p["query_emb"], p["image_emb"], p[B.IMAGE_KEY],
                                                   int((cfg_adapt or {}).get("retrieval_topk", 5))).astype(np.float32)
@@ -88,6 +107,17 @@ class LabelRound:
         """Which pairs carry a hidden target box ``[N]`` bool (all, when ``gt_has_box`` is absent)."""
         n = int(self.keep.shape[0])
         return np.asarray(self.predictions.get(f"gt_{B.HAS_BOX}", np.ones(n))) > 0
+
+    def _centre_inside(self) -> np.ndarray:
+        """Whether each pair's consensus box centre lies inside one of its hidden answers ``[N]``."""
+        p = self.predictions
+        cands, valid = candidate_boxes(torch.from_numpy(p[f"gt_{B.BOXES}"]).float(),
+                                       None if p.get(f"gt_{B.ALT_BOXES}") is None else torch.from_numpy(p[f"gt_{B.ALT_BOXES}"]).float(),
+                                       None if p.get(f"gt_{B.ALT_MASK}") is None else torch.from_numpy(p[f"gt_{B.ALT_MASK}"]).bool())
+        xyxy = cxcywh_to_xyxy(cands)                                   # [N, 1+M, 4]
+        c = torch.from_numpy(p["box"]).float()[:, None, :2]
+        inside = (c[..., 0] >= xyxy[..., 0]) & (c[..., 0] <= xyxy[..., 2]) & (c[..., 1] >= xyxy[..., 1]) & (c[..., 1] <= xyxy[..., 3])
+        return (inside & valid).any(dim=1).numpy()
 
     def _best_iou(self) -> np.ndarray | None:
         """IoU of each pair's consensus box with its best hidden answer (``box`` or an
@@ -124,12 +154,133 @@ def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
             precision (monitoring only).
     """
     consensus = consensus or cfg_adapt.get("consensus", "median")
-    parts = [predict_views(model, b, views, consensus=consensus, keep_annotations=keep_annotations)
-             for b in batches]
+    sens = bool(cfg_adapt.get("sensitivity_pass", True))
+    parts = [predict_views(model, b, views, consensus=consensus, keep_annotations=keep_annotations,
+                           sensitivity=sens) for b in batches]
     if not parts:
         raise ValueError("label_target_set got no target batches")
-    pred = concat_predictions(parts)
+    return select_round(concat_predictions(parts), round_index, cfg_adapt)
+
+
+def select_round(pred: dict[str, np.ndarray], round_index: int, cfg_adapt: Mapping[str, Any]) -> LabelRound:
+    """The global half of labelling: reliability of every pair of the whole target set, the
+    round's kept fraction, and the pseudo-label rows (``pred``: :func:`concat_predictions` of
+    :func:`predict_views` over the target set)."""
     reliability, keep = score_and_select(pred, round_index, cfg_adapt)
     labels = build_pseudo_labels(pred, reliability, keep, round_index)
     fraction = kept_fraction(cfg_adapt.get("keep_schedule", [1.0]), round_index)
     return LabelRound(round_index, pred, reliability, keep, labels, fraction)
+
+
+# ----------------------------------------------------------------------------- the teacher
+def ema_decay_for(total_steps: int, cfg_adapt: Mapping[str, Any]) -> float:
+    """The EMA teacher's decay for a run of ``total_steps`` optimiser steps.
+
+    ``adapt.ema_decay`` (a number) wins; otherwise the half-life is ``adapt.ema_half_life``
+    (default 0.05) of the run: ``decay = 0.5 ** (1 / (half_life * total_steps))``, clipped to
+    [0.9, 0.9999]. A fixed 0.999 (Mean Teacher's) would average over ~700 steps: longer than a
+    whole CPU round, so the teacher would still carry its initial weights at the end."""
+    fixed = cfg_adapt.get("ema_decay")
+    if fixed is not None:
+        decay = float(fixed)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"adapt.ema_decay must lie in [0, 1), got {decay}")
+        return decay
+    half_life = float(cfg_adapt.get("ema_half_life", 0.05)) * max(1, int(total_steps))
+    return float(min(0.9999, max(0.9, 0.5 ** (1.0 / max(half_life, 1.0)))))
+
+
+class EMATeacher:
+    """The pseudo box generator's teacher: an exponential moving average of the student.
+
+    ``teacher = decay * teacher + (1 - decay) * student`` after every optimiser step
+    (parameters; buffers are copied). The teacher never trains and stays in eval mode.
+    ``model`` is a :class:`~date_core.model.DateModel`; DDP wrappers of the student are looked
+    through, so every data-parallel rank holds the same teacher.
+    """
+
+    def __init__(self, student: nn.Module, decay: float) -> None:
+        from ..model import unwrap
+
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.model = copy.deepcopy(unwrap(student)).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        from ..model import unwrap
+
+        student = unwrap(student)
+        for t, s in zip(self.model.parameters(), student.parameters()):
+            if s.requires_grad:  # frozen layers are equal already
+                t.lerp_(s.detach().to(t.dtype), 1.0 - self.decay)
+        for t, s in zip(self.model.buffers(), student.buffers()):
+            t.copy_(s)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "decay": self.decay, "updates": self.updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.decay, self.updates = float(state["decay"]), int(state["updates"])
+
+
+# ----------------------------------------------------------------------------- one step
+def adaptation_step(student: nn.Module, criterion, source_batch: Mapping[str, Any], optimizer, scheduler=None, *,
+                    target_batch: Mapping[str, Any] | None = None, aligner: nn.Module | None = None,
+                    teacher: EMATeacher | None = None, progress: float | None = None,
+                    **train_kwargs: Any) -> dict[str, float]:
+    """One micro-step of PG-DA training, as both the Ray workers and the benchmark run it.
+
+    The source batch's supervised loss is in every step; ``target_batch`` adds retrieval on
+    target pairs and the pseudo-box terms of the pairs that carry one (``has_box``,
+    ``box_weight``); ``aligner`` adds the alignment terms, its GRL warm-up pinned to
+    ``progress`` = optimiser steps done / total (so it follows the run's length whatever the
+    gradient accumulation); after an optimiser step the ``teacher`` follows the student.
+    ``train_kwargs`` go to :func:`date_core.engine.train_step` (``grad_accum``, ``micro_step``,
+    ``device``, ``autocast_dtype``, ``max_grad_norm``), except ``zoom_out`` ({"range": [lo, hi],
+    "prob": p} or None, from :func:`zoom_settings`): the scale augmentation of
+    :func:`~date_core.adapt.views.random_zoom_out` on both batches. Returns the step's logs
+    (+ ``grl_coeff``).
+    """
+    from ..engine import train_step
+    from .views import random_zoom_out
+
+    zoom = train_kwargs.pop("zoom_out", None)
+    if zoom:  # scale augmentation of every batch that carries boxes (see random_zoom_out)
+        source_batch = random_zoom_out(_tensors(source_batch), zoom["range"], zoom["prob"])
+        if target_batch is not None:
+            target_batch = random_zoom_out(_tensors(target_batch), zoom["range"], zoom["prob"])
+    logs_extra: dict[str, float] = {}
+    if aligner is not None and progress is not None:
+        inner = getattr(aligner, "module", aligner)
+        if hasattr(inner, "set_progress"):
+            inner.set_progress(progress)
+            if hasattr(inner, "grl_coeff"):
+                logs_extra["grl_coeff"] = float(inner.grl_coeff)
+    logs = train_step(student, criterion, source_batch, optimizer, scheduler, target_batch=target_batch,
+                      aligner=aligner, **train_kwargs)
+    if teacher is not None and logs["stepped"]:
+        teacher.update(student)
+    logs.update(logs_extra)
+    return logs
+
+
+def zoom_settings(cfg_train: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``train.zoom_out`` ([lo, hi] or null) and ``train.zoom_prob`` -> :func:`adaptation_step`'s
+    ``zoom_out`` argument (None when off)."""
+    rng = cfg_train.get("zoom_out")
+    prob = float(cfg_train.get("zoom_prob", 0.5))
+    if not rng or prob <= 0:
+        return None
+    return {"range": [float(rng[0]), float(rng[1])], "prob": prob}
+
+
+def _tensors(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """numpy columns (Ray Data) -> tensors, others kept."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}

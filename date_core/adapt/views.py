@@ -204,3 +204,49 @@ def build_views(names: Sequence[str]) -> list[View]:
     if len(set(seen)) != len(seen):
         raise ValueError(f"adapt.views has duplicates: {seen}")
     return views
+
+
+def random_zoom_out(batch: dict, zoom: Sequence[float], prob: float, generator: torch.Generator | None = None) -> dict:
+    """Training augmentation: shrink a random subset of the images into the square, each by its
+    own factor ``a ~ U(zoom)`` at a random place (pad grey around), boxes mapped exactly.
+
+    Products in live-stream frames are smaller than in catalogue photos (in ProductWorld about
+    half); a seeker trained at one scale predicts boxes of that size, whose IoU with a half-size
+    box is at most 0.25. ``batch``: tensors with ``pixel_values [B, 3, S, S]``, ``boxes [B, 4]``
+    and optionally ``alt_boxes [B, M, 4]`` (cxcywh in [0, 1]; empty slots stay zero). Returns a
+    new dict; ``prob = 0`` or ``zoom = (1, 1)`` returns the batch unchanged.
+    """
+    lo, hi = float(zoom[0]), float(zoom[1])
+    if not 0.25 <= lo <= hi <= 1.0:
+        raise ValueError(f"zoom-out range must satisfy 0.25 <= lo <= hi <= 1, got {list(zoom)}")
+    pixels = batch["pixel_values"]
+    if prob <= 0 or lo == 1.0:
+        return batch
+    _check_pixels(pixels)
+    n = pixels.shape[0]
+    dev = pixels.device
+    u = torch.rand(n, 3, generator=generator).to(dev)
+    active = u[:, 0] < prob
+    a = torch.where(active, lo + (hi - lo) * u[:, 1], torch.ones_like(u[:, 1]))
+    free = 1.0 - a
+    bx, by = free * u[:, 2], free * torch.rand(n, generator=generator).to(dev)
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    # as Affine.apply, per sample: output u' -> input u = u'/a + (1 - a - 2b)/a
+    theta = torch.stack([torch.stack([one / a, zero, (1 - a - 2 * bx) / a], -1),
+                         torch.stack([zero, one / a, (1 - a - 2 * by) / a], -1)], 1).to(pixels.dtype)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    pad = pixels.new_tensor(PAD_NORMALISED).view(1, 3, 1, 1)
+    out = dict(batch)
+    out["pixel_values"] = F.grid_sample(pixels - pad, grid, mode="bilinear", padding_mode="zeros",
+                                        align_corners=False) + pad
+
+    def move(boxes: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (boxes.dim() - 2)
+        aa, xx, yy = a.view(shape).to(boxes.dtype), bx.view(shape).to(boxes.dtype), by.view(shape).to(boxes.dtype)
+        moved = torch.stack([aa * boxes[..., 0] + xx, aa * boxes[..., 1] + yy, aa * boxes[..., 2], aa * boxes[..., 3]], -1)
+        return torch.where(boxes[..., 2:3] > 0, moved, boxes)  # empty (zero) slots stay empty
+
+    for key in ("boxes", "alt_boxes"):
+        if key in batch:
+            out[key] = move(batch[key])
+    return out

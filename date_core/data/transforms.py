@@ -14,8 +14,12 @@ geometry while boxes map through :class:`~date_core.imaging.Letterbox` built fro
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import os
+import secrets
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -81,6 +85,47 @@ def _normalise_lut() -> np.ndarray:
 
 _LUT = _normalise_lut()
 
+# Augmentation randomness. A generator built in the constructor would be pickled into every
+# Ray task / actor, so every task, and every epoch (which re-runs the same tasks), would start
+# from the same state and repeat the same "random" flips and jitter. Instead each call draws a
+# fresh generator from SeedSequence([seed, hash of the batch's pair ids, call number, ...]):
+# - the pair-id hash makes batches differ from each other even in fresh processes;
+# - _CALLS, a process-wide counter shared by all instances, makes repeated calls in one process
+#   (the next epoch on a reused Ray worker, two unpickled copies of one transform) differ;
+# - away from the process that built the instance (an unpickled copy in a Ray task, a forked
+#   or spawned loader worker) or inside any Ray worker (an actor built there through
+#   fn_constructor_args), the process id and _PROCESS_NONCE (random, drawn once per process)
+#   are mixed in too: a fresh worker restarts _CALLS at 0 and would otherwise repeat the
+#   previous epoch's augmentations of the same batch. That part is not reproducible across
+#   runs, which Ray's scheduling (block boundaries, which worker runs what) never is anyway.
+# So an instance called where it was built, outside Ray (plain Python: tests, notebooks), is
+# reproducible for a given seed and sequence of calls, and nothing repeats across Ray tasks,
+# actors or epochs.
+_CALLS = itertools.count()
+_PROCESS_NONCE = secrets.randbits(64)
+_U64 = (1 << 64) - 1
+
+
+def _ids_hash(ids: Any) -> int:
+    """A stable (process- and run-independent) 64-bit hash of a column of ids."""
+    h = hashlib.blake2b(digest_size=8)
+    for v in np.asarray(ids, dtype=object).reshape(-1):
+        h.update(str(v).encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little")
+
+
+def _in_ray_worker() -> bool:
+    """True inside a Ray task or actor (never imports Ray: a Ray worker already has)."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    try:
+        # The worker's mode, as get_task_id() checks it (which logs a warning on the driver).
+        return bool(ray.is_initialized()) and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # unsure: prefer never repeating over reproducibility
+        return True
+
 
 def pixel_values_from_canvases(canvases: np.ndarray) -> np.ndarray:
     """uint8 [B, S, S, 3] -> float32 [B, 3, S, S], equal to ``imaging.to_pixel_values`` but one
@@ -107,7 +152,11 @@ class BatchTransform:
         max_text_len: L.
         train: apply training augmentation: horizontal flip (boxes mirrored with it) with
             probability ``hflip_prob`` and brightness/contrast jitter of ``jitter``.
-        seed: seed of the augmentation's random generator (None: fresh entropy per instance).
+        seed: base seed of the augmentation (None: fresh OS entropy on every call). Each call
+            derives its own generator from the seed, the batch's ``pair_id`` values and a
+            per-process call counter (plus the process id and a per-process nonce in Ray
+            workers and other processes), so that Ray tasks and epochs never repeat each
+            other's augmentations; see the note above ``_CALLS``.
         draft: use JPEG draft decoding (off only to measure what it buys).
     """
 
@@ -119,8 +168,8 @@ class BatchTransform:
             self._tok_path, self._tok = None, tokenizer_path_or_obj
         self.image_size, self.max_text_len, self.train = int(image_size), int(max_text_len), bool(train)
         self.hflip_prob, self.jitter, self.draft = float(hflip_prob), float(jitter), bool(draft)
-        self._seed = seed
-        self._rng = np.random.default_rng(seed)
+        self._seed = None if seed is None else int(seed)
+        self._home_pid = os.getpid()  # the process that built it (pickled along with it)
 
     @property
     def tokenizer(self):
@@ -134,6 +183,17 @@ class BatchTransform:
             state["_tok"] = None  # reloaded where it runs
         return state
 
+    def _batch_rng(self, batch: Mapping[str, np.ndarray]) -> np.random.Generator:
+        """This call's augmentation generator (see the note above ``_CALLS``)."""
+        if self._seed is None:
+            return np.random.default_rng()
+        ids = batch["pair_id"] if "pair_id" in batch else batch.get("image_id", ())
+        key = [self._seed & _U64, _ids_hash(ids), next(_CALLS)]
+        pid = os.getpid()
+        if pid != self._home_pid or _in_ray_worker():
+            key += [pid, _PROCESS_NONCE]
+        return np.random.default_rng(np.random.SeedSequence(key))
+
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
         n, size, m = len(images), self.image_size, B.MAX_ALT_BOXES
@@ -143,7 +203,8 @@ class BatchTransform:
         alt = np.zeros((n, m, 4), np.float32)
         alt_mask = np.zeros((n, m), np.float32)
         orig = np.zeros((n, 2), np.float32)
-        flips = (self._rng.random(n) < self.hflip_prob) if self.train else np.zeros(n, bool)
+        rng = self._batch_rng(batch) if self.train else None
+        flips = (rng.random(n) < self.hflip_prob) if self.train else np.zeros(n, bool)
         box_col = batch.get("box")
         alt_col = batch.get("alt_boxes")
         for i in range(n):
@@ -163,8 +224,8 @@ class BatchTransform:
         pixels = pixel_values_from_canvases(canvases)
         if self.train and self.jitter > 0:
             # Brightness/contrast jitter on the normalised image: box-safe, and cheap here.
-            gain = 1.0 + self._rng.uniform(-self.jitter, self.jitter, (n, 1, 1, 1)).astype(np.float32)
-            bias = self._rng.uniform(-self.jitter, self.jitter, (n, 1, 1, 1)).astype(np.float32)
+            gain = 1.0 + rng.uniform(-self.jitter, self.jitter, (n, 1, 1, 1)).astype(np.float32)
+            bias = rng.uniform(-self.jitter, self.jitter, (n, 1, 1, 1)).astype(np.float32)
             pixels = np.clip(pixels * gain + bias, -1.0, 1.0)
         ids, mask = tokenize(self.tokenizer, [str(q) for q in batch["query"]], self.max_text_len)
         weight = np.ones(n, np.float32)

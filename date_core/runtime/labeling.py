@@ -21,22 +21,23 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from date_core.adapt.pseudo import build_pseudo_labels, concat_predictions, kept_fraction, score_and_select
-from date_core.adapt.selftrain import LabelRound
+from date_core.adapt.pseudo import concat_predictions
+from date_core.adapt.selftrain import LabelRound, select_round
 from date_core.data import io, storage
 
 COMMIT_FILE = "_COMMITTED.json"
 PSEUDO_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("box", pa.list_(pa.float32())), ("box_weight", pa.float32()),
     ("score", pa.float32()), ("kept", pa.bool_()), ("agreement", pa.float32()),
-    ("confidence", pa.float32()), ("round", pa.int32()),
+    ("confidence", pa.float32()), ("sensitivity", pa.float32()), ("round", pa.int32()),
 ])
 
 
 class TargetLabeler:
     """Ray Data actor: contract rows -> per-pair predictions under the configured views."""
 
-    def __init__(self, model_dir: str, tokenizer: str, views: list[str], consensus: str, use_gpu: bool):
+    def __init__(self, model_dir: str, tokenizer: str, views: list[str], consensus: str, use_gpu: bool,
+                 sensitivity: bool = True):
         import torch
 
         from date_core.adapt.views import build_views
@@ -49,13 +50,15 @@ class TargetLabeler:
         self.transform = BatchTransform(tokenizer, cfg.image_size, cfg.max_text_len, train=False)
         self.views = build_views(views)
         self.consensus = consensus
+        self.sensitivity = sensitivity
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from date_core.adapt.pseudo import predict_views
 
         batch = self.transform(rows)
         out = predict_views(self.model, batch, self.views, consensus=self.consensus,
-                            keep_annotations="box" in rows)  # hidden boxes: precision only
+                            keep_annotations="box" in rows,  # hidden boxes: precision only
+                            sensitivity=self.sensitivity)
         out["pair_id"] = np.asarray(rows["pair_id"], dtype=object)
         return out
 
@@ -70,15 +73,13 @@ def label_target(cfg: Mapping[str, Any], model_dir: str, tokenizer: str, round_i
     preds = rows.map_batches(
         TargetLabeler, batch_size=int(adapt.get("label_batch_size", 64)), batch_format="numpy",
         fn_constructor_kwargs=dict(model_dir=str(model_dir), tokenizer=tokenizer, views=list(adapt["views"]),
-                                   consensus=adapt.get("consensus", "median"), use_gpu=use_gpu),
+                                   consensus=adapt.get("consensus", "median"), use_gpu=use_gpu,
+                                   sensitivity=bool(adapt.get("sensitivity_pass", True))),
         compute=ActorPoolStrategy(size=int(adapt.get("label_actors", 1))),
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else float(adapt.get("label_cpus", 1)),
     )
     parts = list(preds.iter_batches(batch_size=None, batch_format="numpy"))
-    pred = concat_predictions(parts)
-    reliability, keep = score_and_select(pred, round_index, adapt)
-    labels = build_pseudo_labels(pred, reliability, keep, round_index)
-    return LabelRound(round_index, pred, reliability, keep, labels, kept_fraction(adapt["keep_schedule"], round_index))
+    return select_round(concat_predictions(parts), round_index, adapt)
 
 
 def pseudo_table(rnd: LabelRound) -> pa.Table:
@@ -100,6 +101,7 @@ def pseudo_table(rnd: LabelRound) -> pa.Table:
         "kept": pa.array(rnd.keep),
         "agreement": pa.array(np.asarray(p["agreement"], np.float32)),
         "confidence": pa.array(np.asarray(p["confidence"], np.float32)),
+        "sensitivity": pa.array(np.asarray(p.get("sensitivity", np.full(n, np.nan)), np.float32)),
         "round": pa.array(np.full(n, rnd.round_index, np.int32)),
     }, schema=PSEUDO_SCHEMA)
 

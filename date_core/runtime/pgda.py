@@ -3,9 +3,10 @@ domain to the unannotated target domain, driver side.
 
 Recipe (each round its own Ray Train run and MLflow child run under one parent run)::
 
-    round r:  train on source boxes + alignment (+ the pseudo boxes of round r-1),
-              starting from round r-1's weights
-              -> label the target train split with a Ray Data actor pool
+    round r:  train on source boxes + target pairs (+ alignment where its weights are
+              non-zero) (+ the pseudo boxes of round r-1), starting from round r-1's
+              output, with an EMA teacher following the student (the round's output)
+              -> label the target train split with the teacher on a Ray Data actor pool
               -> commit the pseudo-labels (Parquet, temp prefix then commit marker)
               -> record the round in <storage>/<run>/pgda_state.json
     end:      evaluate the final model on the target (and source) test split, register it,
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from date_core.data import storage
 from date_core.evaluation import evaluate_split
+from date_core.metrics import metrics_json
 from date_core.runtime import session, tracking
 from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target, pseudo_table, read_pseudo, target_with_pseudo
 from date_core.runtime.supervised import run_stage
@@ -66,6 +69,25 @@ def _round_cfg(cfg: Mapping[str, Any], r: int) -> dict[str, Any]:
     return out
 
 
+def alignment_terms(cfg: Mapping[str, Any]) -> list[str]:
+    """The alignment loss terms that actually run (non-zero weight)."""
+    from date_core.losses import ALIGNMENT_TERMS
+
+    return [t for t in ALIGNMENT_TERMS if float(cfg["loss"].get(t, 0.0) or 0.0) != 0.0]
+
+
+def describe_round(cfg: Mapping[str, Any], r: int) -> str:
+    """What round ``r`` trains on, in the words of the results table (only what runs)."""
+    parts = ["source", "target pairs"]
+    terms = alignment_terms(cfg)
+    if terms:
+        parts.append(f"align ({cfg['adapt'].get('aligner', 'mmd')}: "
+                     + ", ".join(t.replace("align_", "") for t in terms) + ")")
+    if r > 0:
+        parts.append("pseudo")
+    return " + ".join(parts)
+
+
 def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     """Run (or continue) the PG-DA job called ``name``; returns the results table's rows."""
     data, adapt = cfg["data"], cfg["adapt"]
@@ -81,25 +103,42 @@ def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
           f"{len(state['rounds'])} round(s) already done", flush=True)
     tok = session.tokenizer_dir(cfg)
     base = storage.join(str(cfg["runtime"]["storage"]), name)
+    # local copies of each round's model live only as long as this call (the kept copy is in storage)
+    work = tempfile.TemporaryDirectory(prefix=f"date-pgda-{name}-")
+    try:
+        return _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, Path(work.name))
+    finally:
+        work.cleanup()
+
+
+def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work: Path) -> dict[str, Any]:
+    data, adapt = cfg["data"], cfg["adapt"]
+    rounds = int(adapt["rounds"])
+    align = bool(alignment_terms(cfg))
     for r in range(len(state["rounds"]), rounds):
         prev = state["rounds"][-1] if state["rounds"] else None
         labels = read_pseudo(prev["pseudo"]) if prev else None
-        print(f"[pgda] round {r + 1}/{rounds}: source boxes + alignment"
-              + (f" + {int(labels['kept'].to_numpy().sum())} pseudo boxes of round {r}" if labels is not None else ""),
+        print(f"[pgda] round {r + 1}/{rounds}: {describe_round(cfg, r)}"
+              + (f" ({int(labels['kept'].to_numpy().sum())} pseudo boxes of round {r})" if labels is not None else ""),
               flush=True)
         stage = run_stage(
             _round_cfg(cfg, r), f"{name}-round{r}", stage="pgda-round", experiment_id=experiment_id,
-            parent_run_id=parent_id, target=target_with_pseudo(cfg, labels), align=True,
+            parent_run_id=parent_id, target=target_with_pseudo(cfg, labels), align=align,
             init_from=prev["model"] if prev else cfg["model"].get("init_from"), register=False,
+            out_dir=work / f"round-{r}",
         )
         model_uri = storage.join(base, f"round-{r}", "model")
         _upload_dir(stage.model_dir, model_uri)
-        record: dict[str, Any] = {"round": r, "model": model_uri, "run_id": stage.run_id}
+        record: dict[str, Any] = {"round": r, "model": model_uri, "run_id": stage.run_id,
+                                  "trained_on": describe_round(cfg, r)}
         if r < rounds - 1 or adapt.get("label_last_round", False):
             rnd = label_target(cfg, str(stage.model_dir), tok, r)
             record["pseudo"] = storage.join(base, "pseudo", f"round-{r}")
             commit_pseudo(pseudo_table(rnd), record["pseudo"])
             record["labels"] = {k: float(v) for k, v in rnd.summary().items()}
+            # which reliability signal picks right boxes (hidden target boxes: monitoring only)
+            record["labels"].update({f"precision@0.5/{k}": float(v)
+                                     for k, v in rnd.signal_precision(rnd.fraction, adapt).items()})
             tracking.log_metrics(stage.run_id, {f"pseudo/{k}": v for k, v in record["labels"].items()}, r, uri)
             tracking.log_metrics(parent_id, {f"pseudo/{k}": v for k, v in record["labels"].items()}, r, uri)
             print(f"[pgda] round {r + 1} pseudo-labels: {int(record['labels']['n_kept'])}/"
@@ -110,10 +149,11 @@ def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
         record["test"] = evaluate_split(stage.model_dir, data["root"], data["target_domain"], data["test_split"]).metrics
         tracking.log_metrics(parent_id, record["test"], r, uri)
         state["rounds"].append(record)
-        atomic_write(_state_uri(cfg, name), json.dumps(state, indent=1).encode())
+        atomic_write(_state_uri(cfg, name), metrics_json(state, indent=1).encode())
 
     final = state["rounds"][-1]
-    final_dir = storage.localize_dir(final["model"])
+    final_dir = work / "final"
+    _download_dir(final["model"], final_dir)
     metrics = dict(final["test"])
     metrics.update(evaluate_split(final_dir, data["root"], data["source_domain"], data["test_split"]).metrics)
     tracking.log_metrics(parent_id, metrics, rounds, uri)
@@ -121,7 +161,7 @@ def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     if version is None:
         version = tracking.log_and_register(parent_id, final_dir, cfg["runtime"]["registered_model"], metrics, uri)
         state["registered_version"] = version
-        atomic_write(_state_uri(cfg, name), json.dumps(state, indent=1).encode())
+        atomic_write(_state_uri(cfg, name), metrics_json(state, indent=1).encode())
     tracking.end_run(parent_id, "FINISHED", uri)
     rows = results_rows(state, data["target_domain"], data["test_split"])
     print(format_results(rows, f"{data['target_domain']}_{data['test_split']}"), flush=True)
@@ -129,6 +169,14 @@ def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
           f"{data['source_domain']}_{data['test_split']} pg/acc@0.5 "
           f"{metrics.get(data['source_domain'] + '_' + data['test_split'] + '/pg/acc@0.5', float('nan')):.3f}", flush=True)
     return {"rows": rows, "version": version, "parent_run_id": parent_id, "metrics": metrics}
+
+
+def _download_dir(uri: str, local: Path) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve_filesystem(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
 def _upload_dir(local: Path, uri: str) -> None:
@@ -147,7 +195,7 @@ def results_rows(state: Mapping[str, Any], domain: str, split: str) -> list[dict
         labels = rec.get("labels", {})
         rows.append({
             "round": rec["round"] + 1,
-            "trained on": "source + align" + (" + pseudo" if rec["round"] > 0 else ""),
+            "trained on": rec.get("trained_on", "-"),
             "acc@0.5": rec["test"].get(f"{tag}/pg/acc@0.5"), "mIoU": rec["test"].get(f"{tag}/pg/mIoU"),
             "R@1": rec["test"].get(f"{tag}/pr/R@1"),
             "pseudo kept": labels.get("n_kept"), "pseudo precision@0.5": labels.get("precision@0.5"),

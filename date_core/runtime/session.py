@@ -55,8 +55,15 @@ def run_name(cfg: Mapping[str, Any], stage: str) -> str:
 
 
 def tokenizer_dir(cfg: Mapping[str, Any]) -> str:
-    """The tokenizer folder: ``data.tokenizer`` when set, else the dataset's ``tokenizer/``."""
-    path = cfg["data"].get("tokenizer") or storage.join(cfg["data"]["root"], "tokenizer")
+    """The tokenizer folder: ``data.tokenizer`` when set; else the pretrained text encoder's own
+    (MiniLM's for the ``lite`` preset); else the dataset's corpus WordPiece ``tokenizer/``."""
+    from date_core.model import pretrained_tokenizer_dir, resolve_model_config
+
+    path = cfg["data"].get("tokenizer")
+    if not path:
+        own = pretrained_tokenizer_dir(resolve_model_config(cfg["model"]["preset"],
+                                                            **(cfg["model"].get("overrides") or {})))
+        path = str(own) if own is not None else storage.join(cfg["data"]["root"], "tokenizer")
     if not storage.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}: run pipelines/prepare.py first or set data.tokenizer")
     return str(path)

@@ -61,7 +61,8 @@ def run_stage(cfg: Mapping[str, Any], name: str, *, stage: str = "train", experi
         raise RuntimeError(f"stage {name} finished without a checkpoint")
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix=f"date-{name}-"))
-    model_dir = checkpoint_model_dir(result.checkpoint, out_dir / "model")
+    # an adaptation round's output is its EMA teacher (it labelled the target and is what is kept)
+    model_dir = checkpoint_model_dir(result.checkpoint, out_dir / "model", prefer_teacher=target is not None)
     metrics = dict(result.metrics or {})
     _log_figures(cfg, run_id, model_dir, out_dir, uri)
     version = None

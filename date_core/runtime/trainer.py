@@ -5,7 +5,8 @@
    worker the whole ``val`` set;
 2. the per-worker loop (:func:`train_loop_per_worker`) builds the model, restores the latest
    checkpoint (model, optimiser, scheduler, step, data position), wraps the model in DDP and
-   calls the library's :func:`date_core.engine.train_step` per batch;
+   calls the library's :func:`date_core.adapt.adaptation_step` per batch (supervised source
+   loss; in a PG-DA round also the target stream, the aligner and the EMA teacher);
 3. checkpoints every ``train.checkpoint_every`` optimiser steps and at each epoch end, with the
    validation PR + PG metrics of rank 0;
 4. the trainer (:func:`build_trainer`): ``ScalingConfig``, ``FailureConfig(max_failures)``, and a
@@ -33,6 +34,7 @@ from date_core.text import load_tokenizer
 
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
+TEACHER_DIR = "teacher"
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -74,12 +76,17 @@ def _cycle(make_iter):
             raise RuntimeError("the target dataset shard is empty")
 
 
-def _save(tmp: str, model, optimizer, scheduler, aligner, tokenizer, state: dict, metrics: dict) -> Checkpoint:
+def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, state: dict, metrics: dict) -> Checkpoint:
     from date_core.inference import save_checkpoint
 
-    save_checkpoint(model, Path(tmp) / MODEL_DIR, tokenizer, extra={"step": state["step"], "metrics": metrics})
+    extra = {"step": state["step"], "metrics": metrics}
+    save_checkpoint(model, Path(tmp) / MODEL_DIR, tokenizer, extra=extra)
+    if teacher is not None:  # the EMA teacher: the round's output model in PG-DA
+        save_checkpoint(teacher.model, Path(tmp) / TEACHER_DIR, tokenizer, extra={**extra, "ema": True})
+    aligner = getattr(aligner, "module", aligner)  # DDP-wrapped discriminators
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "aligner": aligner.state_dict() if aligner is not None else None, **state},
+                "aligner": aligner.state_dict() if aligner is not None else None,
+                "teacher": teacher.state_dict() if teacher is not None else None, **state},
                Path(tmp) / TRAIN_STATE)
     return Checkpoint.from_directory(tmp)
 
@@ -90,7 +97,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     ``init_from`` (checkpoint folder to start from when no run checkpoint exists), ``tag``
     (metric prefix of the validation split, e.g. ``mall_val``)."""
     from date_core import build_model
-    from date_core.engine import build_optimizer, build_scheduler, evaluate, train_step
+    from date_core.adapt import EMATeacher, adaptation_step, ema_decay_for, zoom_settings
+    from date_core.engine import build_optimizer, build_scheduler, evaluate
     from date_core.inference import load_model
     from date_core.losses import build_criterion
     from date_core.text import load_tokenizer
@@ -127,6 +135,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
     epochs = -(-total_steps // steps_per_epoch)
     scheduler = build_scheduler(optimizer, int(tcfg.get("warmup_steps", 0)), total_steps)
+    # PG-DA rounds: an EMA teacher follows the student; it labels the target and is the output
+    teacher = None
+    if "target" in counts and cfg["adapt"].get("teacher", True):
+        teacher = EMATeacher(model, ema_decay_for(total_steps, cfg["adapt"]))
+        if rank == 0:
+            print(f"[train] EMA teacher, decay {teacher.decay:.4f} over {total_steps} steps", flush=True)
 
     # -- resume: the run's latest checkpoint wins over everything
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
@@ -141,11 +155,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         scheduler.load_state_dict(saved["scheduler"])
         if aligner is not None and saved.get("aligner"):
             aligner.load_state_dict(saved["aligner"])
+        if teacher is not None and saved.get("teacher"):
+            teacher.load_state_dict(saved["teacher"])
         state = {k: int(saved[k]) for k in state}
         start_step = state["step"]
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {start_step} (epoch {state['epoch']})", flush=True)
     model = ray.train.torch.prepare_model(model)
+    if aligner is not None and world > 1 and any(p.requires_grad for p in aligner.parameters()):
+        # domain discriminators are trained parameters too: DDP keeps them equal on every rank
+        aligner = ray.train.torch.prepare_model(aligner, parallel_strategy_kwargs={"find_unused_parameters": True})
     # Where the workers run (one line in the report; the multi-node test reads it).
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1 and torch.distributed.is_initialized():
@@ -173,9 +192,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 continue
             if state["batch_in_epoch"] >= steps_per_epoch * accum or state["step"] >= total_steps:
                 break
-            logs = train_step(model, criterion, batch, optimizer, scheduler,
+            logs = adaptation_step(model, criterion, batch, optimizer, scheduler,
                               target_batch=next(target_iter) if target_iter is not None else None,
-                              aligner=aligner, grad_accum=accum, micro_step=micro,
+                              aligner=aligner, teacher=teacher, progress=state["step"] / total_steps,
+                              grad_accum=accum, micro_step=micro, zoom_out=zoom_settings(tcfg),
                               autocast_dtype=autocast, device=device)
             micro += 1
             if micro == 1:  # throughput clock starts after the first batch (startup, warm-up)
@@ -191,7 +211,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 tracker.log(last_log, state["step"])
                 _progress(state, total_steps, start_step, t0, logs)
             if state["step"] % int(tcfg["checkpoint_every"]) == 0 and state["step"] < total_steps:
-                _report(model, optimizer, scheduler, aligner, tokenizer, state, rank,
+                _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank,
                         {**last_log, "step": state["step"], "start_step": start_step})
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
@@ -199,22 +219,24 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         metrics = {**last_log, "step": state["step"], "epoch": state["epoch"], "start_step": start_step,
                    "worker_nodes": ",".join(nodes)}
         if rank == 0:
-            val = evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(batch_size=bs),
+            # the output model is validated: the EMA teacher in PG-DA rounds, else the student
+            judged = teacher.model if teacher is not None else getattr(model, "module", model)
+            val = evaluate(judged, val_shard.iter_torch_batches(batch_size=bs),
                            device=device, autocast_dtype=autocast)
             metrics.update({f"{tag}/{k}": v for k, v in val.items()})
             tracker.log(metrics, state["step"])
             print(f"[train] epoch {state['epoch']}/{epochs} step {state['step']}/{total_steps} "
                   f"{tag}: pg/acc@0.5={val.get('pg/acc@0.5', float('nan')):.3f} "
                   f"pr/R@1={val.get('pr/R@1', float('nan')):.3f}", flush=True)
-        _report(model, optimizer, scheduler, aligner, tokenizer, state, rank, metrics)
+        _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank, metrics)
         if state["epoch"] >= epochs:
             break
 
 
-def _report(model, optimizer, scheduler, aligner, tokenizer, state, rank, metrics) -> None:
+def _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank, metrics) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = _save(tmp, model, optimizer, scheduler, aligner, tokenizer, state, metrics) if rank == 0 else None
+        ckpt = _save(tmp, model, optimizer, scheduler, aligner, teacher, tokenizer, state, metrics) if rank == 0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 
 
@@ -273,15 +295,19 @@ def build_trainer(cfg: Mapping[str, Any], name: str, datasets: dict, loop_cfg: d
     )
 
 
-def checkpoint_model_dir(checkpoint: Checkpoint, dst: str | Path) -> Path:
-    """Copy the model folder of a run checkpoint (local or ``s3://``) to ``dst``."""
+def checkpoint_model_dir(checkpoint: Checkpoint, dst: str | Path, prefer_teacher: bool = False) -> Path:
+    """Copy the model folder of a run checkpoint (local or ``s3://``) to ``dst``; with
+    ``prefer_teacher`` the EMA teacher's folder when the checkpoint has one."""
+    import shutil
+
     dst = Path(dst)
     with checkpoint.as_directory() as ckpt_dir:
-        import shutil
-
+        src = Path(ckpt_dir) / MODEL_DIR
+        if prefer_teacher and (Path(ckpt_dir) / TEACHER_DIR).is_dir():
+            src = Path(ckpt_dir) / TEACHER_DIR
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(Path(ckpt_dir) / MODEL_DIR, dst)
+        shutil.copytree(src, dst)
     return dst
 
 

@@ -1,13 +1,16 @@
-"""How fast does the ``tiny`` preset learn? Validation Acc@0.5 (and R@1) against wall-clock and
+"""How fast does each preset learn? Validation Acc@0.5 (and R@1) against wall-clock and
 optimiser steps on ProductWorld ``mall`` rows, single process on the CPU.
 
-    python bench/tiny_learning.py                             # tiny and the no-focus baseline, 10 min each
-    python bench/tiny_learning.py --variants tiny,hybrid      # any of: tiny, no-focus, hybrid
+    python bench/learning_curve.py                            # lite (pretrained) beside tiny (from scratch), 10 min each
+    python bench/learning_curve.py --variants lite            # any of: lite, tiny, no-focus, hybrid
 
 Rows are rendered by ``date_core.data.productworld``, turned into batches by the data layer's
-``BatchTransform`` (letterbox + WordPiece trained on the training queries) once, cached under
-``bench/_work/``, then trained with ``date_core.engine.train_step``. Evaluation time is excluded
-from the training clock. The machine is shared, so steps are reported beside seconds.
+``BatchTransform`` (letterbox at the preset's image size; the pretrained text encoder's own
+tokenizer, or a WordPiece trained on the training queries for presets built from scratch) once,
+cached under ``bench/_work/``, then trained with ``date_core.adapt.adaptation_step`` (the step
+``train.py``'s workers run, with the default config's scale augmentation). Evaluation
+time is excluded from the training clock. The machine is shared, so steps are reported beside
+seconds.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _common import hardware_string, markdown_table, write_result  # noqa: E402
 
 from date_core import build_model  # noqa: E402
-from date_core.engine import build_optimizer, build_scheduler, evaluate, train_step  # noqa: E402
+from date_core.adapt import adaptation_step, zoom_settings  # noqa: E402
+from date_core.config import default_config  # noqa: E402
+from date_core.engine import build_optimizer, build_scheduler, evaluate  # noqa: E402
 from date_core.losses import DateCriterion  # noqa: E402
 
 WORK = ROOT / "bench" / "_work"
@@ -37,15 +42,26 @@ WORK = ROOT / "bench" / "_work"
 #: target from the box losses alone, as the design measured before this preset did).
 #: ``hybrid`` is the conv-stem backbone that tiny was first designed with.
 VARIANTS = {
-    "tiny": ({}, {}),
-    "no-focus": ({}, {"box_focus": 0.0}),
-    "hybrid": ({"stem_channels": [32, 64], "coord_channels": True, "patch_size": 3, "vision_layers": 2,
-                "vision_mlp": 256, "text_mlp": 256, "fusion_mlp": 256}, {}),
+    "lite": ("lite", {}, {}),
+    "tiny": ("tiny", {}, {}),
+    "no-focus": ("tiny", {}, {"box_focus": 0.0}),
+    "hybrid": ("tiny", {"stem_channels": [32, 64], "coord_channels": True, "patch_size": 3, "vision_layers": 2,
+                        "vision_mlp": 256, "text_mlp": 256, "fusion_mlp": 256}, {}),
 }
 
 
+def preset_inputs(preset: str, overrides: dict | None = None) -> tuple[int, str | None]:
+    """(image size, pretrained tokenizer folder or None) of a preset."""
+    from date_core.model import pretrained_tokenizer_dir, resolve_model_config
+
+    cfg = resolve_model_config(preset, **(overrides or {}))
+    tok = pretrained_tokenizer_dir(cfg)
+    return cfg.image_size, None if tok is None else str(tok)
+
+
 def make_data(domain: str, n_images: int, seed: int, image_size: int, max_len: int, tok=None):
-    """Render ``n_images`` ProductWorld images -> (list of numpy batch columns, tokenizer)."""
+    """Render ``n_images`` ProductWorld images -> (numpy batch columns, tokenizer); ``tok``: a
+    tokenizer, or None to train a WordPiece on the rendered queries."""
     from date_core.data.productworld import render_images
     from date_core.data.transforms import BatchTransform
     from date_core.text import train_wordpiece
@@ -61,10 +77,16 @@ def make_data(domain: str, n_images: int, seed: int, image_size: int, max_len: i
     return out, tok
 
 
-def cached(domain: str, n_images: int, seed: int, image_size: int, max_len: int, tok=None):
+def cached(domain: str, n_images: int, seed: int, image_size: int, max_len: int, tok=None,
+           pretrained_tok: str | None = None):
+    """``make_data`` cached under ``bench/_work``; ``pretrained_tok``: a pretrained tokenizer folder."""
     WORK.mkdir(parents=True, exist_ok=True)
-    path = WORK / f"pw_{domain}_{n_images}_{seed}_{image_size}_{max_len}.npz"
-    tok_dir = WORK / f"tok_{domain}_{n_images}_{seed}"
+    tag = "pre" if pretrained_tok else "wp"
+    path = WORK / f"pw_{domain}_{n_images}_{seed}_{image_size}_{max_len}_{tag}.npz"
+    tok_dir = Path(pretrained_tok) if pretrained_tok else WORK / f"tok_{domain}_{n_images}_{seed}"
+    if pretrained_tok and tok is None:
+        from date_core.text import load_tokenizer
+        tok = load_tokenizer(tok_dir)
     if path.exists() and (tok is not None or tok_dir.is_dir()):
         from date_core.text import load_tokenizer
         data = dict(np.load(path))
@@ -84,21 +106,24 @@ def batches(data: dict, batch_size: int, rng: np.random.Generator | None = None)
         yield {k: torch.from_numpy(v[idx]) for k, v in data.items()}
 
 
-def run(name: str, overrides: dict, weights: dict, train, val, tok, args) -> dict:
+def run(name: str, preset: str, overrides: dict, weights: dict, train, val, tok, args) -> dict:
     torch.manual_seed(args.seed)
-    model = build_model(args.preset, vocab_size=len(tok), max_text_len=args.max_len, **overrides)
+    model = build_model(preset, vocab_size=len(tok), max_text_len=args.max_len, **overrides)
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     crit = DateCriterion(weights)
-    opt = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05})
+    opt = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05, "encoder_lr_mult": args.encoder_lr_mult})
     sched = build_scheduler(opt, args.warmup, args.planned_steps, min_lr_ratio=0.05)
     rng = np.random.default_rng(args.seed)
+    # the training step train.py runs: the default config's scale augmentation unless --no-zoom
+    zoom = None if args.no_zoom else zoom_settings(default_config()["train"])
     curve, step, train_s = [], 0, 0.0
     next_eval = 0.0
     stop = min(args.planned_steps, args.stop_at_step or args.planned_steps)
     while train_s < args.minutes * 60 and step < stop:
         for batch in batches(train, args.batch_size, rng):
             t0 = time.perf_counter()
-            train_step(model, crit, batch, opt, sched, max_grad_norm=args.clip)
+            adaptation_step(model, crit, batch, opt, sched, max_grad_norm=args.clip, zoom_out=zoom)
             train_s += time.perf_counter() - t0
             step += 1
             by_steps = args.eval_every_steps and step % args.eval_every_steps == 0
@@ -113,19 +138,22 @@ def run(name: str, overrides: dict, weights: dict, train, val, tok, args) -> dic
             if train_s >= args.minutes * 60 or step >= stop:
                 break
     pairs_s = step * args.batch_size / train_s
-    print(f"{name}: {n_params / 1e6:.2f} M parameters, {step} steps, {pairs_s:.1f} pairs/s")
-    return {"curve": curve, "params_M": n_params / 1e6, "steps": step, "train_s": train_s,
+    print(f"{name}: {n_params / 1e6:.2f} M parameters ({n_trainable / 1e6:.2f} M trained), {step} steps, "
+          f"{pairs_s:.1f} pairs/s")
+    return {"preset": preset, "curve": curve, "params_M": n_params / 1e6, "trainable_M": n_trainable / 1e6,
+            "steps": step, "train_s": train_s,
             "pairs_per_s": pairs_s, "overrides": overrides, "loss_weights": weights}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
     ap.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per run")
     ap.add_argument("--train-images", type=int, default=3000)
     ap.add_argument("--val-images", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--encoder-lr-mult", type=float, default=0.1,
+                    help="learning-rate factor of the (unfrozen) encoder layers, train.encoder_lr_mult")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--planned-steps", type=int, default=3000, help="cosine schedule length")
     ap.add_argument("--stop-at-step", type=int, default=0, help="stop early (the schedule still spans --planned-steps)")
@@ -136,19 +164,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="model override key=value (YAML value)")
-    ap.add_argument("--variants", default="tiny,no-focus", help=f"comma-separated, of {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="lite,tiny", help=f"comma-separated, of {sorted(VARIANTS)}")
+    ap.add_argument("--no-zoom", action="store_true", help="without the default train.zoom_out augmentation")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--name", default="tiny_learning", help="result file bench/results/<name>.json")
+    ap.add_argument("--name", default="learning_curve", help="result file bench/results/<name>.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import yaml
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-
-    t0 = time.perf_counter()
-    train, tok = cached("mall", args.train_images, 0, 96, args.max_len)
-    val, _ = cached("mall", args.val_images, 1, 96, args.max_len, tok)
-    print(f"data: {len(train['input_ids'])} train / {len(val['input_ids'])} val pairs "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
@@ -156,8 +179,15 @@ def main() -> None:
         ap.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     runs = {}
     for name in names:
-        model_over, weights = VARIANTS[name]
-        runs[name] = run(name, {**model_over, **overrides}, weights, train, val, tok, args)
+        preset, model_over, weights = VARIANTS[name]
+        model_over = {**model_over, **overrides}
+        t0 = time.perf_counter()
+        size, pre_tok = preset_inputs(preset, model_over)
+        train, tok = cached("mall", args.train_images, 0, size, args.max_len, pretrained_tok=pre_tok)
+        val, _ = cached("mall", args.val_images, 1, size, args.max_len, tok, pretrained_tok=pre_tok)
+        print(f"{name}: {len(train['input_ids'])} train / {len(val['input_ids'])} val pairs at {size} px "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        runs[name] = run(name, preset, model_over, weights, train, val, tok, args)
     rows = [p for r in runs.values() for p in r["curve"]]
     print(markdown_table(rows, ["run", "step", "train_s", "acc@0.5", "mIoU", "R@1"]))
     load = os.getloadavg()
