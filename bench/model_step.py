@@ -1,12 +1,13 @@
 """Training-step throughput of the DATE model presets: samples/s, peak memory, FLOPs.
 
-    python bench/model_step.py                 # CPU: tiny and small (+ baselines); GPU rows if one is present
+    python bench/model_step.py                 # CPU: lite, tiny and small (+ baselines); GPU rows if one is present
     python bench/model_step.py --quick         # fewer timed steps
 
-CPU: ``tiny`` and ``small`` in float32 through ``engine.train_step``, beside a bare baseline loop
-(forward, loss, backward, optimiser step written out by hand: the engine must cost nothing) and
-the hybrid conv-stem variant of tiny. GPU (when ``torch.cuda.is_available()``): ``tiny``,
-``small`` and ``base`` under bf16 autocast with the largest power-of-two batch that fits, their
+CPU: ``lite`` (as the preset: frozen encoders; and with its last encoder layers trained),
+``tiny`` and ``small`` in float32 through ``engine.train_step``, beside a bare baseline loop
+per preset (forward, loss, backward, optimiser step written out by hand: the engine must cost
+nothing) and the hybrid conv-stem variant of tiny. GPU (when ``torch.cuda.is_available()``):
+``lite``, ``tiny``, ``small`` and ``base`` under bf16 autocast with the largest power-of-two batch that fits, their
 achieved TFLOP/s against the GPU's dense bf16 peak, and the same batch in float32 as the
 baseline. Each configuration runs in its own subprocess so that peak memory is its own.
 Writes ``bench/results/model_step.json`` and prints a Markdown table.
@@ -28,6 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import gpu_description, hardware_string, markdown_table, write_result  # noqa: E402
 
+#: ``lite`` with its last 6 image blocks and 2 text layers trained (what a GPU user would unfreeze)
+LITE_TRAINED_TOP = {"vision_frozen_blocks": 5, "text_frozen_layers": 4}
 #: The CPU baseline: the hybrid conv-stem backbone tiny was first designed with (the preset
 #: now uses the plain ViT, which learned as fast; this row shows what the stem would cost).
 HYBRID_TINY = {"stem_channels": [32, 64], "coord_channels": True, "patch_size": 3, "vision_layers": 2,
@@ -158,7 +161,9 @@ def main() -> None:
 
     steps, min_s = (2, 3.0) if args.quick else (5, 15.0)
     rows = []
-    cpu_configs = [("tiny", {}, 32, "tiny", False), ("tiny", {}, 32, "tiny bare loop (baseline)", True),
+    cpu_configs = [("lite", {}, 32, "lite", False), ("lite", {}, 32, "lite bare loop (baseline)", True),
+                   ("lite", LITE_TRAINED_TOP, 32, "lite, last encoder layers trained", False),
+                   ("tiny", {}, 32, "tiny", False), ("tiny", {}, 32, "tiny bare loop (baseline)", True),
                    ("tiny", HYBRID_TINY, 32, "tiny hybrid stem", False), ("small", {}, 16, "small", False)]
     for preset, overrides, bs, label, bare in cpu_configs:
         spec = dict(preset=preset, overrides=overrides, batch_size=bs, device="cpu", dtype=None,
@@ -168,10 +173,11 @@ def main() -> None:
         if res:
             res["config"] = label
             rows.append(res)
-    base = next((r for r in rows if "baseline" in r["config"]), None)
-    for r in rows:
-        if base and r["device"] == "cpu" and r["preset"] == "tiny":
-            r["vs_baseline"] = r["samples_per_s"] / base["samples_per_s"]
+    for preset in ("lite", "tiny"):  # each preset against its own bare loop
+        base = next((r for r in rows if "baseline" in r["config"] and r["preset"] == preset), None)
+        for r in rows:
+            if base and r["device"] == "cpu" and r["preset"] == preset:
+                r["vs_baseline"] = r["samples_per_s"] / base["samples_per_s"]
 
     gpu = gpu_description()
     gpu_note = None
@@ -181,7 +187,7 @@ def main() -> None:
     else:
         name = torch.cuda.get_device_name(0)
         peak = bf16_peak(name)
-        for preset in ("tiny", "small", "base"):
+        for preset in ("lite", "tiny", "small", "base"):
             best, bs = None, 32
             while bs <= 4096:  # the largest power-of-two batch that fits, up to 90% of memory
                 spec = dict(preset=preset, overrides={}, batch_size=bs, device="cuda", dtype="bfloat16",

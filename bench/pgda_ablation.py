@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmarks", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS)}")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per row (model init and batch order)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per row (model init and batch order): 0..N-1")
+    ap.add_argument("--seed-list", default=None, help="explicit seeds, e.g. 1,2 (instead of --seeds)")
     ap.add_argument("--steps", type=int, default=150, help="optimiser steps per row")
     ap.add_argument("--rounds", type=int, default=2, help="self-training rounds of the pseudo-label rows")
     ap.add_argument("--first-label", type=float, default=0.5, metavar="FRAC",
@@ -110,6 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="adapt.* or loss.* override, e.g. --set adapt.keep_schedule=[0.2,0.4]")
     ap.add_argument("--name", default="pgda_ablation", help="result file name under bench/results/")
+    ap.add_argument("--results-dir", default=None, help="write the result file here instead of bench/results/")
     ap.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
     ap.add_argument("--merge", nargs="+", default=None, metavar="RESULT.json",
                     help="combine result files of runs with the same settings into one table under --name")
@@ -285,7 +287,9 @@ def run_one(job: tuple) -> dict:
             print(f"  [{bench} {row} s{seed}] labelled: kept {int(s['n_kept'])}/{int(s['n_pairs'])}, precision@0.5 "
                   f"{s['precision@0.5']:.3f} (all {s['all_precision@0.5']:.3f}), centre on target {s['centre_precision']:.3f} "
                   f"(all {s['all_centre_precision']:.3f}); top {rnd.fraction:.0%} by "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in by_signal.items() if k != "all"), flush=True)
+                  + ", ".join(f"{k} {v:.3f}" for k, v in by_signal.items() if k != "all" and "/" not in k)
+                  + "; centre on target by " + ", ".join(f"{k[7:]} {v:.3f}" for k, v in by_signal.items()
+                                                          if k.startswith("centre/") and k != "centre/all"), flush=True)
         for step in range(bounds[r], bounds[r + 1]):
             src = hflip(take(data["source_train"], rng.choice(n_src, args.batch_size, replace=False)), rng)
             tgt = None
@@ -305,7 +309,8 @@ def run_one(job: tuple) -> dict:
                 print(f"  [{bench} {row} s{seed}] step {step + 1}/{args.steps} loss {logs['loss/total']:.3f} "
                       f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     train_s = time.perf_counter() - t0
-    out = {"benchmark": bench, "row": row, "seed": seed, "train_s": train_s, "rounds": round_log, "curve": curve}
+    out = {"benchmark": bench, "row": row, "seed": seed, "train_s": train_s, "rounds": round_log, "curve": curve,
+           "loss_weights": weights, "adapt": adapt}
     for split in ("target_test", "source_test"):
         if split in data:
             m = evaluate(teacher.model, batches(data[split], 64), device=device, autocast_dtype=amp)
@@ -333,7 +338,8 @@ def summarise(results: list[dict], rows: list[str]) -> dict:
             if rr:
                 per_row[row] = {"acc@0.5": [r["target_test/pg/acc@0.5"] for r in rr],
                                 "mIoU": [r["target_test/pg/mIoU"] for r in rr],
-                                "R@1": [r["target_test/pr/R@1"] for r in rr], "seeds": [r["seed"] for r in rr],
+                                "R@1": [r.get("target_test/pr/R@1", float("nan")) for r in rr],
+                                "seeds": [r["seed"] for r in rr],
                                 "pseudo_precision@0.5": [[x["precision@0.5"] for x in r["rounds"]] for r in rr],
                                 "precision_by_signal": [[x["precision_by_signal"] for x in r["rounds"]] for r in rr]}
         base = _stats(per_row["source_only"]["acc@0.5"])[0] if "source_only" in per_row else None
@@ -345,7 +351,7 @@ def summarise(results: list[dict], rows: list[str]) -> dict:
             prec = [np.mean([p[i] for p in v["pseudo_precision@0.5"]]) for i in range(len(v["pseudo_precision@0.5"][0]))]
             gap = (acc - base) / (ceil - base) if base is not None and ceil is not None and ceil > base else None
             table.append({"row": ROWS[row][0], "acc@0.5": f"{acc:.3f} ± {acc_sd:.3f}", "mIoU": f"{miou:.3f} ± {miou_sd:.3f}",
-                          "R@1": round(float(np.mean(v["R@1"])), 3),
+                          "R@1": round(float(np.nanmean(v["R@1"])), 3) if not np.isnan(v["R@1"]).all() else None,
                           "gap closed": None if gap is None else round(gap, 2),
                           "pseudo precision@0.5 per round": ", ".join(f"{p:.2f}" for p in prec) or "-",
                           "seeds": len(v["acc@0.5"])})
@@ -353,20 +359,20 @@ def summarise(results: list[dict], rows: list[str]) -> dict:
     return out
 
 
-def _write(name: str, args_dict: dict, results: list[dict], extra: dict) -> dict:
+def _write(name: str, args_dict: dict, results: list[dict], extra: dict, results_dir: str | None = None) -> dict:
     rows = [r for r in ROWS if any(x["row"] == r for x in results)]
     benches = summarise(results, rows)
     for bench, b in benches.items():
         print(f"\n{bench} (target test acc@0.5, EMA teacher, mean ± std over seeds)\n" + markdown_table(b["table"]))
     out = {"args": args_dict, "benchmarks": benches, "runs": results, **extra}
-    print(f"wrote {write_result(name, out)}")
+    print(f"wrote {write_result(name, out, results_dir)}")
     return out
 
 
 def merge(args) -> dict:
     """One result from files whose runs differ only in rows or benchmarks (parallel processes)."""
     parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
-    ignore = ("rows", "benchmarks", "name", "merge", "jobs", "threads")
+    ignore = ("rows", "benchmarks", "name", "merge", "jobs", "threads", "seeds", "seed_list", "results_dir")
     same = {k: v for k, v in parts[0]["args"].items() if k not in ignore}
     for f, part in zip(args.merge, parts):
         diff = sorted(k for k, v in part["args"].items() if k not in ignore and same.get(k) != v)
@@ -374,7 +380,7 @@ def merge(args) -> dict:
             raise SystemExit(f"{f}: settings differ from {args.merge[0]} in {diff}; not merged")
     results = [r for part in parts for r in part["runs"]]
     return _write(args.name, {**same, "merged_from": args.merge}, results,
-                  {"data": {k: v for p in parts for k, v in p.get("data", {}).items()}})
+                  {"data": {k: v for p in parts for k, v in p.get("data", {}).items()}}, args.results_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -394,15 +400,22 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = {k: int(v[B.PAIR_KEY].shape[0]) for k, v in data.items()}
         data_info[bench] = {"pairs": sizes, "knobs": knobs}
         print(f"{bench} data ({time.perf_counter() - t0:.0f}s): {sizes}, {model_cfg.image_size}px", flush=True)
-        jobs += [(bench, row, seed, data, len(tok), max_len, args) for seed in range(args.seeds) for row in rows]
+        seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+        jobs += [(bench, row, seed, data, len(tok), max_len, args) for seed in seeds for row in rows]
     if args.jobs > 1:
         # fork: the children share the encoded arrays; the parent has run no torch kernels yet
         with mp.get_context("fork").Pool(args.jobs, maxtasksperchild=1) as pool:
             results = pool.map(run_one, jobs, chunksize=1)
     else:
-        results = [run_one(job) for job in jobs]
+        results = []
+        for job in jobs:  # a partial result file after every run: a long table survives a stop
+            results.append(run_one(job))
+            write_result(f"{args.name}.partial", {"args": vars(args), "runs": results}, args.results_dir)
     args_dict = {k: v for k, v in vars(args).items()}
-    out = _write(args.name, args_dict, results, {"data": data_info, "wall_s": time.perf_counter() - t0})
+    out = _write(args.name, args_dict, results, {"data": data_info, "wall_s": time.perf_counter() - t0},
+                 args.results_dir)
+    partial = Path(args.results_dir or Path(__file__).resolve().parent / "results") / f"{args.name}.partial.json"
+    partial.unlink(missing_ok=True)
     return out
 
 

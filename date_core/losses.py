@@ -32,7 +32,7 @@ PSEUDO_TERMS = ("pseudo_box_l1", "pseudo_box_giou", "pseudo_box_focus")
 ALIGNMENT_TERMS = ("align_marginal_image", "align_marginal_query", "align_conditional", "adversarial")
 LOSS_NAMES = SUPERVISED_TERMS + PSEUDO_TERMS + ALIGNMENT_TERMS
 DEFAULT_WEIGHTS = {"retrieval": 1.0, "box_l1": 5.0, "box_giou": 2.0, "confidence": 1.0, "box_focus": 1.0,
-                   "pseudo_box_l1": 2.5, "pseudo_box_giou": 1.0, "pseudo_box_focus": 0.5,
+                   "pseudo_box_l1": 0.0, "pseudo_box_giou": 0.0, "pseudo_box_focus": 0.5,
                    "align_marginal_image": 0.0, "align_marginal_query": 0.0,
                    "align_conditional": 0.0, "adversarial": 0.0}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 import _cli
 
@@ -36,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     experiment_id = tracking.setup(cfg["runtime"]["experiment"])
     print(f"[train] run {name}: {cfg['runtime']['num_workers']} worker(s), gpu={cfg['runtime']['use_gpu']}, "
           f"storage {cfg['runtime']['storage']}", flush=True)
-    result = run_stage(cfg, name, stage="train", experiment_id=experiment_id, out_dir=args.out)
+    # without --out the local model copy is temporary: the model lives in MLflow and Ray storage
+    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp:
+        result = run_stage(cfg, name, stage="train", experiment_id=experiment_id, out_dir=args.out or tmp)
     shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if "/pr/" in k or "/pg/" in k}
-    print(json.dumps({"run": name, "mlflow_run_id": result.run_id, "model": str(result.model_dir),
+    model = str(result.model_dir) if args.out else f"models:/{cfg['runtime']['registered_model']}/{result.version}"
+    print(json.dumps({"run": name, "mlflow_run_id": result.run_id, "model": model,
                       "registered_version": result.version, "metrics": shown}, indent=2))
     return 0
 

@@ -47,7 +47,15 @@ def test_patch_tokens_are_the_stride16_map_and_batchnorm_is_frozen(lite):
     assert torch.allclose(train_out, eval_out, atol=1e-5) and torch.allclose(single, eval_out[:1], atol=1e-5)
 
 
-def test_frozen_layers_get_no_gradient_and_the_rest_trains(lite):
+def test_the_default_lite_trains_no_encoder_weight(lite):
+    assert not any(p.requires_grad for p in lite.vision.parameters())
+    assert not any(p.requires_grad for p in lite.text.parameters())
+    assert any(p.requires_grad for p in lite.grounding.parameters())
+
+
+def test_frozen_layers_get_no_gradient_and_the_rest_trains():
+    torch.manual_seed(0)
+    lite = build_model("lite", vision_frozen_blocks=5, text_frozen_layers=4)
     lite.train()
     ids = torch.randint(1000, 2000, (2, 12))
     out = lite(torch.randn(2, 3, 160, 160), ids, torch.ones_like(ids))
@@ -60,7 +68,6 @@ def test_frozen_layers_get_no_gradient_and_the_rest_trains(lite):
     assert all(not p.requires_grad for p in text.embeddings.parameters())
     assert all(not p.requires_grad for layer in text.encoder.layer[:4] for p in layer.parameters())
     assert any(p.grad is not None for p in text.encoder.layer[5].parameters())
-    lite.zero_grad()
 
 
 def test_checkpoint_rebuilds_without_the_weights_package(lite, tmp_path, monkeypatch):

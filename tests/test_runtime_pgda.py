@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def test_pgda_two_rounds_killed_and_resumed(mlflow_server, pw_dataset, tmp_path)
     assert "1 round(s) already done" in second.stdout
     assert "round 1/2" not in second.stdout and "round 2/2" in second.stdout
     assert "PG-DA results on live_test" in second.stdout
+    # the local model copies of both runs (the killed one's included) are gone
+    assert not (Path(tempfile.gettempdir()) / "date-pgda-pgda-t").exists()
 
     state = json.loads(state_file.read_text())
     assert [r["round"] for r in state["rounds"]] == [0, 1]
@@ -71,5 +74,8 @@ def test_pgda_two_rounds_killed_and_resumed(mlflow_server, pw_dataset, tmp_path)
     round0 = next(c for c in children if c.data.tags["date.run_name"] == "pgda-t-round0")
     assert round0.data.metrics["pseudo/n_pairs"] == n_target
     assert "pseudo/precision@0.5".replace("@", "_at_") in round0.data.metrics
+    # the precision of each reliability signal, and at the patch level, is logged per round
+    for signal in ("confidence", "agreement", "sensitivity", "centre/confidence"):
+        assert f"pseudo/precision_at_0.5/{signal}" in round0.data.metrics, signal
     assert "live_test/pg/acc_at_0.5" in parents[0].data.metrics
     assert client.get_model_version("test-pgda-seeker", state["registered_version"])

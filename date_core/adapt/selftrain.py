@@ -81,8 +81,9 @@ class LabelRound:
         binary signal such as ``retrieval`` ranks its hits first.
 
         Returns ``{"agreement", "confidence", "sensitivity" (when predicted), "retrieval"
-        (with embeddings), "reliability", "all"}`` -> precision in [0, 1]; ``{}`` without
-        annotated pairs.
+        (with embeddings), "reliability", "all"}`` -> precision in [0, 1], and the same keys
+        under ``centre/`` for the share whose box centre lies on a right product (what the
+        patch-level pseudo-box term uses); ``{}`` without annotated pairs.
         """
         iou = self._best_iou()
         has = self._has_box()
@@ -98,9 +99,14 @@ class LabelRound:
                                                   int((cfg_adapt or {}).get("retrieval_topk", 5))).astype(np.float32)
         signals["reliability"] = self.reliability
         k = max(1, int(round(fraction * right.size)))
-        out = {name: float(right[np.argsort(-np.asarray(sig, dtype=np.float64)[has], kind="stable")[:k]].mean())
-               for name, sig in signals.items()}
+        order = {name: np.argsort(-np.asarray(sig, dtype=np.float64)[has], kind="stable")[:k]
+                 for name, sig in signals.items()}
+        out = {name: float(right[idx].mean()) for name, idx in order.items()}
         out["all"] = float(right.mean())
+        # the same ranking judged at the patch level (the centre falls on a right product)
+        centred = self._centre_inside()[has]
+        out.update({f"centre/{name}": float(centred[idx].mean()) for name, idx in order.items()})
+        out["centre/all"] = float(centred.mean())
         return out
 
     def _has_box(self) -> np.ndarray:

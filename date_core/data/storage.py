@@ -16,7 +16,9 @@ every Ray Data call in :mod:`date_core.runtime.dataio`, gets its filesystem from
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import posixpath
 import tempfile
 from functools import lru_cache
@@ -126,6 +128,18 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
         fs.create_dir(path, recursive=True)
     pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
+
+
+@contextlib.contextmanager
+def local_dir(uri: str | os.PathLike):
+    """``with local_dir(uri) as path``: :func:`localize_dir`, with a temporary copy of an S3
+    folder removed on exit (model folders are 100 MB and more; they must not pile up in /tmp)."""
+    path = localize_dir(uri)
+    try:
+        yield path
+    finally:
+        if is_s3(uri):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def localize_dir(uri: str | os.PathLike) -> str:

@@ -45,7 +45,8 @@ class TargetLabeler:
         from date_core.inference import load_model
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model = load_model(storage.localize_dir(model_dir), device=device)
+        with storage.local_dir(model_dir) as local:
+            self.model = load_model(local, device=device)
         cfg = self.model.config
         self.transform = BatchTransform(tokenizer, cfg.image_size, cfg.max_text_len, train=False)
         self.views = build_views(views)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -103,12 +104,15 @@ def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
           f"{len(state['rounds'])} round(s) already done", flush=True)
     tok = session.tokenizer_dir(cfg)
     base = storage.join(str(cfg["runtime"]["storage"]), name)
-    # local copies of each round's model live only as long as this call (the kept copy is in storage)
-    work = tempfile.TemporaryDirectory(prefix=f"date-pgda-{name}-")
+    # local copies of each round's model live only as long as this call (the kept copy is in
+    # storage); one folder per run name, so a killed run's leftovers go when it is continued
+    work = Path(tempfile.gettempdir()) / f"date-pgda-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     try:
-        return _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, Path(work.name))
+        return _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work)
     finally:
-        work.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work: Path) -> dict[str, Any]:
@@ -144,7 +148,8 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
             print(f"[pgda] round {r + 1} pseudo-labels: {int(record['labels']['n_kept'])}/"
                   f"{int(record['labels']['n_pairs'])} kept, mean reliability "
                   f"{record['labels']['reliability_mean']:.3f}"
-                  + (f", precision@0.5 {record['labels']['precision@0.5']:.3f}" if "precision@0.5" in record["labels"] else ""),
+                  + (f", precision@0.5 {record['labels']['precision@0.5']:.3f}, centred on the target "
+                     f"{record['labels']['centre_precision']:.3f}" if "precision@0.5" in record["labels"] else ""),
                   flush=True)
         record["test"] = evaluate_split(stage.model_dir, data["root"], data["target_domain"], data["test_split"]).metrics
         tracking.log_metrics(parent_id, record["test"], r, uri)
@@ -199,6 +204,7 @@ def results_rows(state: Mapping[str, Any], domain: str, split: str) -> list[dict
             "acc@0.5": rec["test"].get(f"{tag}/pg/acc@0.5"), "mIoU": rec["test"].get(f"{tag}/pg/mIoU"),
             "R@1": rec["test"].get(f"{tag}/pr/R@1"),
             "pseudo kept": labels.get("n_kept"), "pseudo precision@0.5": labels.get("precision@0.5"),
+            "pseudo centre on target": labels.get("centre_precision"),
         })
     return rows
 

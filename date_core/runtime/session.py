@@ -1,6 +1,7 @@
 """Where a pipeline stage runs: Ray (local or a cluster), run names, dataset and tokenizer."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -18,9 +19,16 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
         return
     # Ray Data's live progress bars turn logs of non-interactive jobs into megabytes of noise.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # The terminal shows progress lines and results; executor INFO lines stay in Ray's log files.
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _ray_data_logging_config())
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars of every worker
+    from ray.data._internal.logging import configure_logging
+
+    configure_logging()  # ray.data may have been imported before the variable was set
     ray.data.DataContext.get_current().enable_progress_bars = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] != "1"
     env_vars = {k: v for k, v in os.environ.items()
-                if k.startswith(("AWS_", "MLFLOW_", "RAY_DATA_")) or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+                if k.startswith(("AWS_", "MLFLOW_", "RAY_DATA_"))
+                or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")}
     # Ray Train re-routes a worker's print() through its logger and also to stdout, so every
     # progress line of the training loop reached the driver twice.
     env_vars["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -33,6 +41,22 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
     # address="local": a fresh Ray for this job, never one some other process left running
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
              object_store_memory=int((cfg or {}).get("runtime", {}).get("object_store_mb", 512)) * 1024 * 1024)
+
+
+def _ray_data_logging_config() -> str:
+    """A Ray Data logging config (``RAY_DATA_LOGGING_CONFIG``): Ray's default, with the console
+    handler at WARNING; the ``ray-data.log`` files keep every level."""
+    import tempfile
+
+    import yaml
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "WARNING"
+    path = os.path.join(tempfile.gettempdir(), f"date-ray-data-logging-{os.getuid()}.yaml")
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config, fh)
+    return path
 
 
 #: Ray Train's placement-group cleaner asks the State API (served by the dashboard) every second

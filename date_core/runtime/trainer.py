@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchTrainer
 
 from date_core.data import storage
@@ -114,7 +115,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     # -- model, losses, optimiser: a fresh model, or the adaptation's previous round
     if loop_cfg.get("init_from"):
-        model = load_model(storage.localize_dir(loop_cfg["init_from"]))
+        with storage.local_dir(loop_cfg["init_from"]) as init_dir:
+            model = load_model(init_dir)
     else:
         mcfg = dict(cfg["model"].get("overrides") or {})
         model = build_model(cfg["model"]["preset"], vocab_size=loop_cfg["vocab_size"], **mcfg)
@@ -134,7 +136,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     steps_per_epoch = max(1, counts["train"] // world // bs // accum)
     total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
     epochs = -(-total_steps // steps_per_epoch)
-    scheduler = build_scheduler(optimizer, int(tcfg.get("warmup_steps", 0)), total_steps)
+    # a short round (PG-DA's later rounds) must still decay: warm-up takes at most a fifth of it
+    scheduler = build_scheduler(optimizer, min(int(tcfg.get("warmup_steps", 0)), total_steps // 5), total_steps)
     # PG-DA rounds: an EMA teacher follows the student; it labels the target and is the output
     teacher = None
     if "target" in counts and cfg["adapt"].get("teacher", True):
@@ -275,6 +278,8 @@ def run_config(cfg: Mapping[str, Any], name: str) -> RunConfig:
         name=name, **where,
         failure_config=FailureConfig(max_failures=int(cfg["runtime"].get("max_failures", 2))),
         checkpoint_config=CheckpointConfig(num_to_keep=int(cfg["runtime"].get("keep_checkpoints", 2))),
+        # ray.train INFO lines (resources, process groups, devices) go to the log files only
+        logging_config=LoggingConfig(log_level=str(cfg["runtime"].get("train_log_level", "WARNING"))),
     )
 
 

@@ -1,0 +1,38 @@
+"""The adaptation benchmark runs every row, the control included, through the library's
+self-training step (a smoke run of bench/pgda_ablation.py on a few rendered images)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_quick_ablation_runs_every_row_with_the_control(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pgda_ablation", None)
+    import pgda_ablation
+
+    calls = []
+    real_step = pgda_ablation.adaptation_step
+
+    def counting_step(*args, **kwargs):
+        calls.append(kwargs.get("target_batch") is not None)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pgda_ablation, "adaptation_step", counting_step)
+    out = pgda_ablation.main(["--quick", "--threads", "1", "--name", "quick", "--results-dir", str(tmp_path)])
+    rows = out["benchmarks"]["productworld"]["rows"]
+    assert list(rows) == list(pgda_ablation.ROWS)          # the control row target_pairs included
+    assert all(len(v["acc@0.5"]) == 1 for v in rows.values())
+    # 7 rows x 6 steps, all through adaptation_step; every row but source_only carries target pairs
+    assert len(calls) == 7 * 6 and sum(calls) == 6 * 6
+    control = [r for r in out["runs"] if r["row"] == "target_pairs"][0]
+    assert control["rounds"] == [] and control["loss_weights"]["align_marginal_image"] == 0.0
+    pseudo = [r for r in out["runs"] if r["row"] == "pseudo_only"][0]
+    assert len(pseudo["rounds"]) == 1 and "precision@0.5" in pseudo["rounds"][0]
+    saved = json.loads((tmp_path / "quick.json").read_text())
+    assert set(saved["benchmarks"]["productworld"]["rows"]) == set(pgda_ablation.ROWS)
