@@ -75,7 +75,7 @@ def test_pgda_two_rounds_killed_and_resumed(mlflow_server, pw_dataset, tmp_path)
     assert round0.data.metrics["pseudo/n_pairs"] == n_target
     assert "pseudo/precision@0.5".replace("@", "_at_") in round0.data.metrics
     # the precision of each reliability signal, and at the patch level, is logged per round
-    for signal in ("confidence", "agreement", "sensitivity", "centre/confidence"):
-        assert f"pseudo/precision_at_0.5/{signal}" in round0.data.metrics, signal
+    for name in ("confidence", "agreement", "sensitivity", "centre/confidence"):
+        assert f"pseudo/precision_at_0.5/{name}" in round0.data.metrics, name
     assert "live_test/pg/acc_at_0.5" in parents[0].data.metrics
     assert client.get_model_version("test-pgda-seeker", state["registered_version"])
