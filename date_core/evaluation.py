@@ -57,7 +57,7 @@ def evaluate_split(model_dir: str | Path, root: str, domain: str, split: str, *,
     """All PR + PG metrics of the checkpoint at ``model_dir`` on ``root/<domain>/<split>``."""
     model = load_model(model_dir, device=device)
     tok_dir = Path(model_dir) / "tokenizer"
-    tokenizer = load_tokenizer(tok_dir if tok_dir.is_dir() else storage.localize_dir(storage.join(root, "tokenizer")))
+    tokenizer = load_tokenizer(tok_dir if tok_dir.is_dir() else storage.join(root, "tokenizer"))
     transform = BatchTransform(tokenizer, model.config.image_size, model.config.max_text_len, train=False)
     samples: dict[str, list] = {"images": [], "queries": [], "true": [], "pred": [], "orig": []}
 

@@ -37,7 +37,14 @@ def train_wordpiece(queries: Iterable[str], vocab_size: int = 8000, min_frequenc
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer saved with ``save_pretrained`` from a local folder (never a hub name)."""
+    """Load a tokenizer saved with ``save_pretrained`` from a local folder or an ``s3://``
+    folder (never a hub name). An S3 folder is copied to a temporary folder that is removed
+    once loaded: every Ray worker of every round loads it, and copies must not pile up."""
+    if str(path).startswith("s3://"):
+        from date_core.data import storage
+
+        with storage.local_dir(path) as local:
+            return load_tokenizer(local)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {path}")

@@ -44,3 +44,16 @@ def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
         sys.exit(f"{stage}: bad configuration: {exc}")
     print(f"[{stage}] resolved config:\n" + yaml.safe_dump(cfg, sort_keys=False).rstrip(), flush=True)
     return cfg
+
+
+def check_dataset(cfg: dict[str, Any], stage: str) -> None:
+    """Exit with one line when ``data.root`` lacks a dataset, domain or split that ``stage``
+    reads and may not generate one there (checked before Ray starts; see
+    :mod:`date_core.runtime.dataset`)."""
+    from date_core.data.schema import DataError
+    from date_core.runtime.dataset import plan_dataset, required_parts
+
+    try:
+        plan_dataset(cfg, required_parts(cfg, stage))
+    except DataError as exc:
+        sys.exit(f"{stage}: {exc}")

@@ -28,11 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _cli.resolve(args, "train")
     if args.dry_run:
         return 0
+    _cli.check_dataset(cfg, "train")
 
     from date_core.runtime import session, tracking
+    from date_core.runtime.dataset import ensure_dataset
     from date_core.runtime.supervised import run_stage
 
     session.init_ray(cfg)
+    ensure_dataset(cfg, "train")  # generates only at the embedded default's root (or when asked)
     name = session.run_name(cfg, "train")
     experiment_id = tracking.setup(cfg["runtime"]["experiment"])
     print(f"[train] run {name}: {cfg['runtime']['num_workers']} worker(s), gpu={cfg['runtime']['use_gpu']}, "

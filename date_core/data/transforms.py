@@ -28,7 +28,6 @@ from PIL import Image
 from .. import batch as B
 from ..imaging import PAD_VALUE, Letterbox, xyxy_pixels_to_letterbox_cxcywh
 from ..text import load_tokenizer, tokenize
-from . import storage
 
 
 def _box_or_none(value: Any) -> np.ndarray | None:
@@ -174,7 +173,7 @@ class BatchTransform:
     @property
     def tokenizer(self):
         if self._tok is None:
-            self._tok = load_tokenizer(storage.localize_dir(self._tok_path))
+            self._tok = load_tokenizer(self._tok_path)
         return self._tok
 
     def __getstate__(self) -> dict:

@@ -82,7 +82,7 @@ def to_model_batches(ds: Dataset, tokenizer: Any, image_size: int, max_text_len:
     from date_core.text import load_tokenizer
 
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
-        tokenizer = load_tokenizer(storage.localize_dir(str(tokenizer)))
+        tokenizer = load_tokenizer(str(tokenizer))
     transform = BatchTransform(tokenizer, image_size, max_text_len, train, seed=seed)
     return ds.map_batches(transform, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus)
 

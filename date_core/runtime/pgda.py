@@ -29,25 +29,11 @@ from date_core.data import storage
 from date_core.evaluation import evaluate_split
 from date_core.metrics import metrics_json
 from date_core.runtime import session, tracking
+from date_core.runtime.dataset import ensure_dataset
 from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target, pseudo_table, read_pseudo, target_with_pseudo
 from date_core.runtime.supervised import run_stage
 
 STATE_FILE = "pgda_state.json"
-
-
-def ensure_dataset(cfg: Mapping[str, Any]) -> None:
-    """Prepare the configured small ProductWorld set at ``data.root`` when it holds none
-    (the embedded default); an existing dataset is used as it is."""
-    data = cfg["data"]
-    if storage.exists(storage.join(data["root"], data["source_domain"], data["train_split"])):
-        return
-    synth = data.get("synth") or {}
-    from date_core.runtime.dataio import prepare_synth
-
-    print(f"[pgda] no dataset at {data['root']}: generating ProductWorld "
-          f"({synth.get('mall', 3000)} mall + {synth.get('live', 1500)} live images)", flush=True)
-    prepare_synth(data["root"], int(synth.get("mall", 3000)), int(synth.get("live", 1500)), int(synth.get("seed", 0)),
-                  meta={"command": "pgda.py embedded default"})
 
 
 def _state_uri(cfg: Mapping[str, Any], name: str) -> str:
@@ -92,7 +78,7 @@ def describe_round(cfg: Mapping[str, Any], r: int) -> str:
 def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     """Run (or continue) the PG-DA job called ``name``; returns the results table's rows."""
     data, adapt = cfg["data"], cfg["adapt"]
-    ensure_dataset(cfg)
+    ensure_dataset(cfg, "pgda")
     experiment_id = tracking.setup(cfg["runtime"]["experiment"])
     uri = tracking.tracking_uri()
     parent_id, resumed = tracking.start_or_resume(experiment_id, name, "pgda", uri=uri)

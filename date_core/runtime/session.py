@@ -96,4 +96,4 @@ def tokenizer_dir(cfg: Mapping[str, Any]) -> str:
 def vocab_size(tokenizer: str) -> int:
     from date_core.text import load_tokenizer
 
-    return len(load_tokenizer(storage.localize_dir(tokenizer)))
+    return len(load_tokenizer(tokenizer))

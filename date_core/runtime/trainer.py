@@ -53,7 +53,7 @@ def make_datasets(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenize
     if data.get("max_val_pairs"):
         val_rows = val_rows.limit(int(data["max_val_pairs"]))
     counts = {"train": train_rows.count(), "val": val_rows.count()}
-    tok = load_tokenizer(storage.localize_dir(tokenizer))  # loaded once, shipped with the tasks
+    tok = load_tokenizer(tokenizer)  # loaded once, shipped with the tasks
     seed = int(cfg["train"]["seed"])
     datasets = {
         "train": to_model_batches(train_rows, tok, size, max_len, train=True, seed=seed),
@@ -120,7 +120,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     else:
         mcfg = dict(cfg["model"].get("overrides") or {})
         model = build_model(cfg["model"]["preset"], vocab_size=loop_cfg["vocab_size"], **mcfg)
-    tokenizer = load_tokenizer(storage.localize_dir(loop_cfg["tokenizer"]))
+    tokenizer = load_tokenizer(loop_cfg["tokenizer"])
     criterion = build_criterion(cfg["loss"])
     aligner = None
     if "target" in counts and loop_cfg.get("align", False):
