@@ -2,7 +2,9 @@
 
 A run's config is ``defaults <- --config FILE.yaml <- --set`` overrides, in that order.
 Configs stay plain dicts (easy to log to MLflow as flat params, easy for Tune to
-sweep); :func:`flatten` gives the ``a.b.c`` view.
+sweep); :func:`flatten` gives the ``a.b.c`` view. Every file, override and resolved config is
+checked against the typed schema (:mod:`date_core.config_schema`): an unknown key or a value of
+the wrong type is a :class:`~date_core.config_schema.ConfigError` (one line) before anything runs.
 """
 from __future__ import annotations
 
@@ -37,15 +39,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``--set`` style overrides to a config; unknown top-level sections are an error."""
+    """Apply ``--set`` style overrides to a config; each key and value is checked against the
+    schema (:class:`~date_core.config_schema.ConfigError` on an unknown key or a wrong type)."""
+    from date_core.config_schema import check
+
     out = copy.deepcopy(dict(cfg))
     for text in overrides:
         path, value = parse_override(text)
+        value = check(".".join(path), value, where=f"--set {text}")
         node = out
         for part in path[:-1]:
-            if part not in node or not isinstance(node[part], dict):
-                if node is out:
-                    raise KeyError(f"override {text!r}: unknown config section {part!r}")
+            if not isinstance(node.get(part), dict):  # e.g. into an empty or null model.overrides
                 node[part] = {}
             node = node[part]
         node[path[-1]] = value
@@ -90,10 +94,12 @@ def absolute_paths(cfg: Mapping[str, Any], base: str | Path | None = None) -> di
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """defaults <- ``config_file`` <- ``overrides``, with local paths made absolute."""
-    cfg = default_config()
+    """defaults <- ``config_file`` <- ``overrides``, validated, with local paths made absolute."""
+    from date_core.config_schema import validate
+
+    cfg = validate(default_config(), "date_core/configs/default.yaml")
     if config_file:
-        cfg = deep_merge(cfg, load_yaml(config_file))
+        cfg = deep_merge(cfg, validate(load_yaml(config_file), str(config_file)))
     return absolute_paths(apply_overrides(cfg, overrides))
 
 

@@ -21,8 +21,11 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
-    """A parser with the options every stage shares."""
-    parser = argparse.ArgumentParser(description=description,
+    """A parser with the options every stage shares; ``--help`` ends with every config key, its
+    type and default (from the typed schema, :func:`date_core.config_schema.describe`)."""
+    from date_core.config_schema import describe
+
+    parser = argparse.ArgumentParser(description=description, epilog=describe(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML config merged over the packaged defaults (date_core/configs/default.yaml)")
@@ -33,7 +36,8 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
-    """Resolve and print the config; exits with one clear line on a bad file or override."""
+    """Resolve and print the config; exits with one clear line on a bad file or override (an
+    unknown key or a wrongly typed value, anywhere: :mod:`date_core.config_schema`)."""
     import yaml
 
     from date_core.config import resolve_config
