@@ -26,7 +26,8 @@ from torch import nn
 from . import __version__
 from .imaging import letterbox_cxcywh_to_xyxy_pixels, preprocess_pil
 from .model import DateModel, ModelConfig, unwrap
-from .model.seekers import rerank_by_grounding, search as _search
+from .model.seekers import rerank_by_grounding
+from .search import exact_search
 from .text import load_tokenizer, tokenize
 
 FORMAT = "date-seeker"
@@ -148,12 +149,11 @@ class Seeker:
             out.append(self.model.encode_image(pixels)["emb"].float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
-    def search(self, query_embeddings, gallery_embeddings, k: int = 10, chunk: int = 65536
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k gallery rows per query -> (float32 ``[Q, k]`` cosine scores, int64 ``[Q, k]`` indices)."""
-        scores, idx = _search(torch.as_tensor(np.asarray(query_embeddings)),
-                              torch.as_tensor(np.asarray(gallery_embeddings)), k, chunk=chunk)
-        return scores.numpy(), idx.numpy()
+    def search(self, query_embeddings, gallery_embeddings, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k gallery rows per query (:func:`date_core.search.exact_search`) ->
+        (float32 ``[Q, k]`` cosine scores, int64 ``[Q, k]`` indices)."""
+        return exact_search(np.asarray(query_embeddings, np.float32), np.asarray(gallery_embeddings, np.float32), k,
+                            device=self.device)
 
     @torch.no_grad()
     def ground(self, images: Sequence[Image.Image], queries: Sequence[str]) -> Grounding:
@@ -177,8 +177,8 @@ class Seeker:
                       rerank_weight: float | None = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Encode, search and (with ``rerank_weight``) re-rank each query's top-k by grounding
         confidence: score = cosine + weight * confidence. Returns (``[Q, k]`` scores, indices)."""
-        gallery = self.encode_images(images)
-        scores, idx = _search(torch.from_numpy(self.encode_queries(queries)), torch.from_numpy(gallery), k)
+        scores, idx = self.search(self.encode_queries(queries), self.encode_images(images), k)
+        scores, idx = torch.from_numpy(scores), torch.from_numpy(idx)
         if not rerank_weight:
             return scores.numpy(), idx.numpy()
         k = idx.shape[1]

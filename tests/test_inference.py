@@ -10,7 +10,6 @@ from PIL import Image
 
 import date_core
 from date_core.inference import Seeker, load_model, save_checkpoint
-from date_core.model.seekers import search
 
 from _model_synth import make_scene, overfit_pairs, rows_to_batch, tokenizer_for
 
@@ -97,15 +96,3 @@ def test_load_seeker_end_to_end_on_strings_and_pil_images(trained):
         seeker.ground([wide], ["a", "b"])
     with pytest.raises(TypeError, match="list of strings"):
         seeker.encode_queries("red ball")
-
-
-def test_chunked_search_equals_one_matrix():
-    g = torch.Generator().manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=-1)
-    gal = torch.nn.functional.normalize(torch.randn(1000, 16, generator=g), dim=-1)
-    s_full, i_full = (q @ gal.t()).topk(10, dim=1)
-    s, i = search(q, gal, k=10, chunk=64)
-    torch.testing.assert_close(s, s_full)
-    assert torch.equal(i, i_full)
-    s, i = search(q, gal[:3], k=10)
-    assert s.shape == (7, 3)

@@ -119,32 +119,6 @@ class GroundingSeeker(nn.Module):
 
 
 @torch.no_grad()
-def search(query_emb: Tensor, gallery_emb: Tensor, k: int, chunk: int = 65536) -> tuple[Tensor, Tensor]:
-    """Top-k gallery items per query by cosine similarity, scoring ``chunk`` gallery rows at a time.
-
-    ``query_emb [Q, D]``, ``gallery_emb [G, D]`` (L2-normalised; numpy or torch) -> (``[Q, k']``
-    scores, ``[Q, k']`` int64 gallery indices), best first, ``k' = min(k, G)``. Memory is
-    ``O(Q * (chunk + k))`` whatever the gallery size.
-    """
-    q = torch.as_tensor(query_emb).float()
-    g = torch.as_tensor(gallery_emb)
-    if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"query_emb [Q, D] and gallery_emb [G, D] expected, got {tuple(q.shape)} and {tuple(g.shape)}")
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    k = min(k, g.shape[0])
-    best_s = q.new_empty(q.shape[0], 0)
-    best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
-    for start in range(0, g.shape[0], chunk):
-        sims = q @ g[start:start + chunk].to(q.device).float().t()
-        idx = torch.arange(start, start + sims.shape[1], device=q.device).expand(q.shape[0], -1)
-        sims, idx = torch.cat([best_s, sims], 1), torch.cat([best_i, idx], 1)
-        best_s, pos = sims.topk(min(k, sims.shape[1]), dim=1)
-        best_i = idx.gather(1, pos)
-    return best_s, best_i
-
-
-@torch.no_grad()
 def rerank_by_grounding(model: nn.Module, text_enc: dict, candidate_image_enc: dict, scores: Tensor,
                         weight: float = 1.0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Cooperation at inference: re-rank each query's top-k by the grounding seeker's confidence.
