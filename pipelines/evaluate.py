@@ -13,7 +13,6 @@ runs/mlflow.db). The JSON holds <domain>_<split>/pr/R@1, R@5, R@10, mAP@10 and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,29 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = parser.parse_args(argv)
 
-    from date_core.evaluation import evaluate_split, samples_in_pixels
     from date_core.metrics import metrics_json
-    from date_core.runtime.tracking import download_checkpoint
+    from date_core.runtime.tracking import evaluate_model
 
     print(f"[evaluate] {args.model} on {args.data} {args.domain}/{args.split}", flush=True)
     try:
-        model_dir = download_checkpoint(args.model)
-        ev = evaluate_split(model_dir, args.data, args.domain, args.split, batch_size=args.batch_size,
-                            limit=args.limit, device=args.device)
+        out = evaluate_model(args.model, args.data, args.domain, args.split, batch_size=args.batch_size,
+                             limit=args.limit, device=args.device, png=args.png)
     except (FileNotFoundError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
-    out = {"model": args.model, "data": args.data, "domain": args.domain, "split": args.split,
-           **{k: v for k, v in sorted(ev.metrics.items())}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     # NaN metrics (e.g. pg/* on a split without boxes) are written as null: strict JSON.
     Path(args.out).write_text(metrics_json(out, indent=2))
-    if args.png:
-        from date_core.report import prediction_grid
-
-        size = json.loads((model_dir / "config.json").read_text())["model"]["image_size"]
-        prediction_grid(*samples_in_pixels(ev, size), args.png)
-    for key, value in sorted(ev.metrics.items()):
+    for key, value in out.items():
         if "/pr/" in key or "/pg/" in key:
             print(f"  {key:32s} {value:.4f}")
     print(f"[evaluate] wrote {args.out}", flush=True)

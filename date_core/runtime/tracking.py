@@ -12,8 +12,9 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import mlflow
 import pandas as pd
@@ -179,3 +180,33 @@ def download_checkpoint(model_uri: str, dst: str | Path | None = None) -> Path:
             return folder
     shutil.rmtree(dst, ignore_errors=True)
     raise FileNotFoundError(f"{model_uri}: no seeker checkpoint inside the downloaded model")
+
+
+@contextmanager
+def local_checkpoint(model_uri: str) -> Iterator[Path]:
+    """:func:`download_checkpoint` into a temporary folder that is removed afterwards (a local
+    checkpoint folder is used in place)."""
+    with tempfile.TemporaryDirectory(prefix="date-model-") as tmp:
+        yield download_checkpoint(model_uri, tmp)
+
+
+def evaluate_model(model_uri: str, data: str, domain: str, split: str, *, batch_size: int = 64,
+                   limit: int | None = None, device: str = "cpu", png: str | Path | None = None) -> dict[str, Any]:
+    """All PR + PG metrics (``<domain>_<split>/pr/R@1`` ...) of a seeker given as a checkpoint
+    folder or an MLflow URI, on one split of a prepared dataset; optionally a PNG grid of its
+    predictions. The one evaluation of ``pipelines/evaluate.py`` and ``pipelines/promote.py``.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` for a missing model or evaluation data.
+    """
+    import json
+
+    from date_core.evaluation import evaluate_split, samples_in_pixels
+
+    with local_checkpoint(model_uri) as model_dir:
+        ev = evaluate_split(model_dir, data, domain, split, batch_size=batch_size, limit=limit, device=device)
+        if png:
+            from date_core.report import prediction_grid
+
+            size = json.loads((model_dir / "config.json").read_text())["model"]["image_size"]
+            prediction_grid(*samples_in_pixels(ev, size), png)
+    return {"model": model_uri, "data": data, "domain": domain, "split": split, **dict(sorted(ev.metrics.items()))}
