@@ -16,6 +16,7 @@ outgrows memory. usearch is a fine HNSW library, but HNSW is all it offers.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +32,12 @@ DEFAULT_EFFORT = {"hnsw": 48, "ivf": 128}
 
 
 def _as_tensor(x, device: torch.device, dtype: torch.dtype) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
-    return t.to(device=device, dtype=dtype)
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+        with warnings.catch_warnings():  # a read-only array (e.g. memory-mapped) is only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(x)
+    return torch.as_tensor(x).to(device=device, dtype=dtype)
 
 
 def exact_search(queries, gallery, k: int = 10, *, device: str | torch.device | None = None,

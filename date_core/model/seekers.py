@@ -118,6 +118,12 @@ class GroundingSeeker(nn.Module):
                 "fused": fused, "patch_logits": patch_logits}
 
 
+def combine_scores(similarity: Tensor, confidence: Tensor, weight: float) -> Tensor:
+    """The cooperative seekers' ranking score: retrieval similarity + ``weight`` x grounding
+    confidence (the predicted IoU of the product's box in the candidate). Any matching shapes."""
+    return similarity + weight * confidence
+
+
 @torch.no_grad()
 def rerank_by_grounding(model: nn.Module, text_enc: dict, candidate_image_enc: dict, scores: Tensor,
                         weight: float = 1.0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -134,7 +140,7 @@ def rerank_by_grounding(model: nn.Module, text_enc: dict, candidate_image_enc: d
     text_rep = {key: (v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v) for key, v in text_enc.items()}
     grounded = model.ground(candidate_image_enc, text_rep)
     conf = grounded["pred_conf"].view(q, k)
-    combined = scores + weight * conf
+    combined = combine_scores(scores, conf, weight)
     order = combined.argsort(dim=1, descending=True, stable=True)
     reordered = {key: v.view(q, k, *v.shape[1:]).gather(
         1, order.view(q, k, *([1] * (v.dim() - 1))).expand(q, k, *v.shape[1:]))
