@@ -69,17 +69,19 @@ def seek(seeker, index: CatalogueIndex, queries: Sequence[str], k: int = 5, *, d
 
 
 def rerank_recall(seeker, index: CatalogueIndex, queries: Sequence[str], query_items: Sequence[str],
-                  weights: Sequence[float], candidates: int = 10, batch_size: int = 16) -> dict[float, dict[str, float]]:
+                  weights: Sequence[float], candidates: int = 10, batch_size: int = 16,
+                  per_query: bool = False) -> dict[float, dict[str, Any]]:
     """R@1 and R@5 of each re-ranking weight (0 = retrieval alone) on the same candidates.
 
     A query is relevant to an indexed image when the image shows its item (``item_ids``).
     Each query's top-``candidates`` are grounded once; every weight re-orders those.
-    Returns ``{weight: {"R@1": ..., "R@5": ..., "queries": Q}}``.
+    Returns ``{weight: {"R@1": ..., "R@5": ..., "queries": Q}}``, plus each query's hits
+    (``"hits@1"``, ``"hits@5"``: bool lists) with ``per_query``, for paired comparisons.
     """
     data = index.manifest["data"]
     emb = seeker.encode_queries(list(queries))
     sims, rows = index.search(emb, candidates)
-    hits = {w: {1: 0, 5: 0} for w in weights}
+    hits: dict[float, dict[int, list[bool]]] = {w: {1: [], 5: []} for w in weights}
     for start in range(0, len(queries), batch_size):
         sl = slice(start, start + batch_size)
         flat = rows[sl].reshape(-1)
@@ -90,7 +92,12 @@ def rerank_recall(seeker, index: CatalogueIndex, queries: Sequence[str], query_i
         for w in weights:
             score = combine_scores(torch.from_numpy(sims[sl]), torch.from_numpy(conf), w).numpy()
             ranked = np.take_along_axis(rel, np.argsort(-score, axis=1, kind="stable"), 1)
-            hits[w][1] += int(ranked[:, :1].any(axis=1).sum())
-            hits[w][5] += int(ranked[:, :5].any(axis=1).sum())
+            hits[w][1] += ranked[:, :1].any(axis=1).tolist()
+            hits[w][5] += ranked[:, :5].any(axis=1).tolist()
     n = len(queries)
-    return {w: {"R@1": h[1] / n, "R@5": h[5] / n, "queries": n} for w, h in hits.items()}
+    out: dict[float, dict[str, Any]] = {}
+    for w, h in hits.items():
+        out[w] = {"R@1": sum(h[1]) / n, "R@5": sum(h[5]) / n, "queries": n}
+        if per_query:
+            out[w].update({"hits@1": h[1], "hits@5": h[5]})
+    return out

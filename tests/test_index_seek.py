@@ -152,6 +152,7 @@ def test_seek_prints_hits_and_writes_a_contact_sheet(built_index, small_model, p
     # the HTML page, opened by headless Chromium, shows all 6 hits
     chromium = _chromium()
     if chromium is None:
+        assert not os.environ.get("DATE_REQUIRE_CHROMIUM"), "chromium is required here (DATE_REQUIRE_CHROMIUM)"
         pytest.skip("headless Chromium not installed (CI installs Debian's chromium): HTML not rendered")
     profile = tmp_path / "chromium-profile"
     dom = subprocess.run(
