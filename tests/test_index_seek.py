@@ -180,3 +180,26 @@ def test_seek_refuses_another_models_index(built_index, tmp_path, small_model, c
     save_checkpoint(model, other, load_tokenizer(small_model / "tokenizer"))
     assert seek_cli.main(["red mug", "--model", str(other), "--index", str(built_index), "--out", str(tmp_path)]) == 2
     assert "not the model that built" in capsys.readouterr().err
+
+
+def test_rerank_recall_weight_zero_is_retrieval_alone(built_index, small_model, pw_dataset):
+    from date_core.data.io import read_table
+    from date_core.indexing import load_index
+    from date_core.inference import load_seeker
+    from date_core.seek import rerank_recall, seek
+
+    index = load_index(str(built_index))
+    seeker = load_seeker(small_model)
+    pairs = read_table(str(pw_dataset), "mall", "test", ["query", "item_id"]).to_pylist()[:24]
+    queries, items = [p["query"] for p in pairs], [p["item_id"] for p in pairs]
+    res = rerank_recall(seeker, index, queries, items, [0.0, 5.0], candidates=6, batch_size=5, per_query=True)
+    _, rows = index.search(seeker.encode_queries(queries), 5)
+    plain_r1 = np.mean([item in index.item_ids[r[0]] for item, r in zip(items, rows)])
+    plain_r5 = np.mean([any(item in index.item_ids[j] for j in r) for item, r in zip(items, rows)])
+    assert res[0.0]["R@1"] == pytest.approx(plain_r1) and res[0.0]["R@5"] == pytest.approx(plain_r5)
+    assert len(res[5.0]["hits@1"]) == 24 and 0 <= res[5.0]["R@1"] <= 1
+    # seek with a weight ranks by similarity + weight x confidence
+    hits = seek(seeker, index, queries[:2], 3, rerank_weight=5.0, candidates=6)
+    for row in hits:
+        assert [h.score for h in row] == sorted((h.score for h in row), reverse=True)
+        assert all(h.score == pytest.approx(h.similarity + 5.0 * h.confidence, abs=1e-5) for h in row)
