@@ -95,12 +95,22 @@ def retrieval_metrics(query_emb, query_item, gallery_emb, gallery_item, chunk: i
     rel, n_rel = rel[keep].float(), n_rel[keep]
     for k in PR_KS:
         out[f"pr/R@{k}"] = float(rel[:, :k].amax(dim=1).mean())
-    top = rel[:, :MAP_K]
+    out[f"pr/mAP@{MAP_K}"] = float(average_precision_at_k(rel, n_rel, MAP_K).mean())
+    return out
+
+
+def average_precision_at_k(rel: Tensor, n_relevant: Tensor, k: int) -> Tensor:
+    """Truncated average precision of each ranking: ``AP@k = sum_{i<=k} P@i * rel_i / min(n_relevant, k)``.
+
+    ``rel [Q, R]`` (bool or 0/1) relevance of each query's ranked gallery items, best first
+    (only the first ``k`` columns count); ``n_relevant [Q]`` relevant items in the whole
+    gallery (> 0). Returns ``[Q]`` float32. A ranking that finds every relevant item (or fills
+    the top k with them) scores 1.
+    """
+    top = rel[:, :k].float()
     ranks = torch.arange(1, top.shape[1] + 1, dtype=torch.float32)
     precision = top.cumsum(dim=1) / ranks
-    ap = (precision * top).sum(dim=1) / n_rel.clamp(max=MAP_K).float()
-    out[f"pr/mAP@{MAP_K}"] = float(ap.mean())
-    return out
+    return (precision * top).sum(dim=1) / _t(n_relevant).clamp(max=k).float()
 
 
 def dedupe_gallery(image_emb, image_key, item_key) -> tuple[Tensor, Tensor, Tensor]:
