@@ -106,3 +106,17 @@ def test_tokenizer_trained_on_train_queries_tokenizes_chinese_per_character(tmp_
     info = save_tokenizer(str(tmp_path / "out2"), pretrained=str(tmp_path / "pre"))
     assert info["source"] == "pretrained"
     assert load_tokenizer(tmp_path / "out2" / "tokenizer").get_vocab() == other.get_vocab()
+
+
+def test_instance_ids_is_an_optional_column(tmp_path):
+    labels = [["AHC 黄金水", "AHC 黄金眼霜", "AHC 黄金眼霜"], None, ["兰蔻粉水"]]
+    table = pairs(3).append_column("instance_ids", pa.array(labels, pa.list_(pa.string())))
+    io.write_table(table, str(tmp_path), "mall", "test")
+    back = io.read_table(str(tmp_path), "mall", "test").sort_by("pair_id")
+    assert back.column("instance_ids").to_pylist() == labels
+    # a dataset without the column stays valid (test_write_read_roundtrip_and_sharding); one with
+    # the column of the wrong kind is refused, naming it
+    bad = pairs(2).append_column("instance_ids", pa.array([[1], [2]], pa.list_(pa.int64())))
+    io.write_table(bad, str(tmp_path), "mall", "val")
+    with pytest.raises(DataError, match="column 'instance_ids' has type"):
+        io.read_table(str(tmp_path), "mall", "val")

@@ -6,6 +6,7 @@ import io as _io
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -121,3 +122,21 @@ def test_ingest_batch_rejects_each_bad_row_with_its_reason(tmp_path):
                                      staged.column("reason").to_pylist()) if r is None and n}
     assert notes == {"p11": "alt_dropped:degenerate_box;alt_dropped:box_outside_image", "p12": "clipped_box",
                      "p13": "transcoded:BMP"}
+
+
+def test_instance_ids_are_checked_and_carried_when_asked():
+    assert V.check_instance_ids(["AHC 黄金水", "AHC 黄金眼霜", "AHC 黄金眼霜"]) == ["AHC 黄金水", "AHC 黄金眼霜", "AHC 黄金眼霜"]
+    assert V.check_instance_ids(None) is None and V.check_instance_ids([]) is None
+    for bad in ("A#;#B", ["A", 3], ["A", " "], 7):
+        with pytest.raises(V.Rejection) as exc:
+            V.check_instance_ids(bad)
+        assert exc.value.reason == V.BAD_TYPE, bad
+    records = [rec(0, instance_ids=["B", "A", "B"]), rec(1), rec(2, instance_ids=["C"], query="")]
+    staged = ingest_batch(records_table(records), io_threads=1)
+    kept, rejected = split_staged(staged)
+    assert kept.schema.equals(PAIR_SCHEMA)  # what a PAIR_SCHEMA writer expects: unchanged by default
+    kept, _ = split_staged(staged, with_optional=True)
+    assert kept.column_names[-1] == "instance_ids" and kept.schema.field("instance_ids").type == pa.list_(pa.string())
+    assert dict(zip(kept.column("pair_id").to_pylist(), kept.column("instance_ids").to_pylist())) == {
+        "p0": ["B", "A", "B"], "p1": None}  # order and repeats kept; null when the source has none
+    assert rejected.column("instance_ids").to_pylist() == [["C"]]  # a rejected row keeps its labels

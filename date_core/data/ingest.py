@@ -18,10 +18,10 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from . import storage
-from .schema import BOX_TYPE, BOXES_TYPE, PAIR_COLUMNS, PAIR_SCHEMA, REJECTED_SCHEMA
+from .schema import BOX_TYPE, BOXES_TYPE, OPTIONAL_COLUMNS, PAIR_COLUMNS, PAIR_SCHEMA, REJECTED_SCHEMA
 from .validate import (
     MISSING_FIELD, MISSING_IMAGE, SIZE_MISMATCH, UNDECODABLE_IMAGE, UNREADABLE_IMAGE, Rejection,
-    check_box, check_query, check_split, coerce_box, coerce_boxes, require_str,
+    check_box, check_instance_ids, check_query, check_split, coerce_box, coerce_boxes, require_str,
 )
 
 #: One record before ingest: every contract field a source can fill, plus ``source`` (where it
@@ -87,6 +87,7 @@ def _check_row(rec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for name in ("pair_id", "image_id", "domain", "item_id"):
         row[name] = require_str(rec.get(name), name)
     row["query"] = check_query(rec.get("query"))
+    row["instance_ids"] = check_instance_ids(rec.get("instance_ids"))
     split = check_split(rec.get("split"))
     if split is None:
         raise Rejection(MISSING_FIELD, "split is missing")
@@ -132,7 +133,7 @@ def _load_and_check(rec: dict[str, Any]) -> dict[str, Any]:
             rec = {**rec, "image": load_image_bytes(rec["image_ref"])}
             out["image"] = rec["image"]
         row, notes = _check_row(rec)
-        out.update({k: row[k] for k in PAIR_COLUMNS})
+        out.update({k: row[k] for k in (*PAIR_COLUMNS, "instance_ids")})
         out["notes"] = ";".join(notes) or None
     except Rejection as rej:
         out["reason"], out["detail"] = rej.reason, rej.detail
@@ -152,10 +153,17 @@ def ingest_batch(records: pa.Table, io_threads: int = IO_THREADS) -> pa.Table:
     return pa.Table.from_pylist(staged, schema=STAGED_SCHEMA)
 
 
-def split_staged(staged: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """A staged table -> (kept rows as :data:`PAIR_SCHEMA`, rejected rows as :data:`REJECTED_SCHEMA`)."""
+def split_staged(staged: pa.Table, with_optional: bool = False) -> tuple[pa.Table, pa.Table]:
+    """A staged table -> (kept rows as :data:`PAIR_SCHEMA`, rejected rows as :data:`REJECTED_SCHEMA`).
+
+    ``with_optional``: the kept rows also carry the staged table's :data:`OPTIONAL_COLUMNS`
+    (``instance_ids``, null where the source has none), after the contract columns; a writer
+    that asks for them must write with the kept table's schema, not :data:`PAIR_SCHEMA`.
+    """
     is_rejected = pc.is_valid(staged.column("reason"))
-    kept = staged.filter(pc.invert(is_rejected)).select(list(PAIR_COLUMNS)).cast(PAIR_SCHEMA)
+    optional = [n for n in OPTIONAL_COLUMNS if with_optional and n in staged.column_names]
+    schema = pa.schema(list(PAIR_SCHEMA) + [pa.field(n, OPTIONAL_COLUMNS[n]) for n in optional])
+    kept = staged.filter(pc.invert(is_rejected)).select(list(PAIR_COLUMNS) + optional).cast(schema)
     rejected = staged.filter(is_rejected).select(REJECTED_SCHEMA.names).cast(REJECTED_SCHEMA)
     return kept, rejected
 

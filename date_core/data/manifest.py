@@ -9,6 +9,8 @@ Fields of a row::
     domain    e.g. mall / live
     split     optional: train / val / test (else by a hash of image_id)
     item_id   the product (relevance for retrieval)
+    instance_ids optional list of the products a multi-product query shows (instance-level
+              retrieval; see ``OPTIONAL_COLUMNS`` in schema.py), order and repeats kept
     pair_id   optional (default ``<manifest name>:<line>``), image_id optional (default: ``image``
               as written), width / height optional (checked against the image when given)
 
@@ -28,7 +30,8 @@ import pyarrow.parquet as pq
 from . import storage
 from .schema import DataError
 from .validate import (
-    BAD_TYPE, INVALID_JSON, INVALID_UTF8, Rejection, coerce_box, coerce_boxes, check_split, require_str,
+    BAD_TYPE, INVALID_JSON, INVALID_UTF8, Rejection, check_instance_ids, coerce_box, coerce_boxes, check_split,
+    require_str,
 )
 
 REQUIRED_FIELDS = ("image", "query", "domain", "item_id")
@@ -68,6 +71,7 @@ def manifest_record(obj: Any, *, source: str, default_pair_id: str, base: str) -
         rec["split"] = check_split(obj.get("split"))
         rec["box"] = coerce_box(obj.get("box"))
         rec["alt_boxes"] = coerce_boxes(obj.get("alt_boxes"))
+        rec["instance_ids"] = check_instance_ids(obj.get("instance_ids"))
         for name in ("width", "height"):
             value = obj.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

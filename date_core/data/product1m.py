@@ -7,9 +7,12 @@ image is looked up in ``--images DIR`` by each URL's file name, then by ``<item_
 (the layout of the common download scripts). A line whose image is not there is a rejected
 row (``missing_image``).
 
-Relevance: ``item_id`` of a pair is its sorted instance labels (pairs showing the same
-instances are relevant to each other) when the line has labels, else the line's own id.
-Product1M has no boxes: ``box`` is null.
+Instance labels: ``instance_ids`` is the label field split at ``#;#``, each stripped, empty
+ones dropped, order and repeats kept (Product1M lists a product twice when the set holds two,
+and its official mAR weights labels by these counts); null when the line has no label field
+(the training file). ``item_id`` of a pair is its distinct labels sorted and joined by ``#;#``
+(pairs showing the same instances are relevant to each other) when the line has labels, else
+the line's own id. Product1M has no boxes: ``box`` is null.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ def _is_url(text: str) -> bool:
 
 
 def parse_line(text: str) -> tuple[str, str, list[str], list[str]]:
-    """One line -> (item id, title, image URLs, instance labels). ``ValueError`` when malformed."""
+    """One line -> (item id, title, image URLs, instance labels in the line's order, repeats
+    kept). ``ValueError`` when malformed."""
     fields = text.rstrip("\r\n").split(FIELD_SEP)
     if len(fields) < 3:
         raise ValueError(f"expected item_id{FIELD_SEP}title{FIELD_SEP}url..., got {len(fields)} field(s)")
@@ -42,7 +46,7 @@ def parse_line(text: str) -> tuple[str, str, list[str], list[str]]:
         raise ValueError("empty item id")
     if not urls:
         raise ValueError("no image URL")
-    labels = sorted({lab.strip() for t in labels_text for lab in t.split(LABEL_SEP) if lab.strip()})
+    labels = [lab.strip() for t in labels_text for lab in t.split(LABEL_SEP) if lab.strip()]
     return item, title, urls, labels
 
 
@@ -84,8 +88,8 @@ def iter_product1m(path: str, images: str, domain: str = "mall") -> Iterator[dic
         found = next((by_name[n] for n in names if n in by_name), None)
         rec = {
             "pair_id": item, "image_id": posixpath.splitext(names[0])[0] or item, "query": title,
-            "domain": domain, "item_id": LABEL_SEP.join(labels) if labels else item,
-            "box": None, "alt_boxes": None, "source": source,
+            "domain": domain, "item_id": LABEL_SEP.join(sorted(set(labels))) if labels else item,
+            "instance_ids": labels or None, "box": None, "alt_boxes": None, "source": source,
         }
         if found is None:
             yield {**rec, "raw": text[:RAW_LIMIT], "reason": MISSING_IMAGE,

@@ -34,8 +34,19 @@ PAIR_SCHEMA = pa.schema([
 ])
 PAIR_COLUMNS: tuple[str, ...] = tuple(PAIR_SCHEMA.names)
 
-#: Optional columns a pair dataset may carry beyond the contract (pseudo-label joins).
-OPTIONAL_COLUMNS = {"box_weight": pa.float32()}
+#: The instance labels of a multi-product query: the products its image shows (Product1M's
+#: ``#;#`` label field, "brand + product name" strings), in the source's order with repeats
+#: kept (a set holding two of a product lists it twice; Product1M's official mAR weights each
+#: label by how often it is listed, see :mod:`date_core.metrics_instance`). Null when the
+#: source has none. Relevance for instance-level retrieval: a gallery item is relevant to a
+#: query when its label is one of these.
+INSTANCE_IDS_TYPE = pa.list_(pa.string())
+
+#: Optional columns a pair dataset may carry beyond the contract, with their types: a dataset
+#: without them is valid; one with them must have these types (:func:`check_pair_schema`).
+#: ``box_weight`` comes from pseudo-label joins; ``instance_ids`` from sources with instance
+#: labels (``prepare product1m``).
+OPTIONAL_COLUMNS = {"box_weight": pa.float32(), "instance_ids": INSTANCE_IDS_TYPE}
 
 #: A rejected row keeps every contract field it could be read into (null where it could not),
 #: where it came from (``source``: file and line/path), the original text of the row (``raw``),
@@ -53,6 +64,7 @@ REJECTED_SCHEMA = pa.schema([
     pa.field("domain", pa.string()),
     pa.field("split", pa.string()),
     pa.field("item_id", pa.string()),
+    pa.field("instance_ids", INSTANCE_IDS_TYPE),
     pa.field("source", pa.string()),
     pa.field("raw", pa.string()),
     pa.field("reason", pa.string(), nullable=False),
@@ -86,9 +98,11 @@ def check_columns(schema: pa.Schema, required: Iterable[str], where: str) -> Non
 
 
 def check_pair_schema(schema: pa.Schema, where: str) -> None:
-    """Raise :class:`DataError` when ``schema`` lacks a contract column or has one of the wrong kind."""
+    """Raise :class:`DataError` when ``schema`` lacks a contract column, or has a contract or
+    optional (:data:`OPTIONAL_COLUMNS`) column of the wrong kind."""
     check_columns(schema, PAIR_COLUMNS, where)
-    for field in PAIR_SCHEMA:
+    fields = list(PAIR_SCHEMA) + [pa.field(n, t) for n, t in OPTIONAL_COLUMNS.items() if n in schema.names]
+    for field in fields:
         got = schema.field(field.name).type
         if not _compatible(got, field.type):
             raise DataError(where, f"column {field.name!r} has type {got}, expected {field.type}")

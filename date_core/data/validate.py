@@ -116,6 +116,21 @@ def check_box(box: list[float], width: int, height: int, field: str = "box") -> 
     return clipped, clipped != [x1, y1, x2, y2]
 
 
+def check_instance_ids(value: Any) -> list[str] | None:
+    """Instance labels (``instance_ids``): a list of non-empty strings, order and repeats kept;
+    None (no labels) stays None, and so does an empty list (no labels either)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise Rejection(BAD_TYPE, f"instance_ids must be a list of strings, got {type(value).__name__}")
+    out = []
+    for i, v in enumerate(value):
+        if not isinstance(v, str) or not v.strip():
+            raise Rejection(BAD_TYPE, f"instance_ids[{i}] must be a non-empty string, got {v!r}"[:300])
+        out.append(v)
+    return out or None
+
+
 def check_split(value: Any) -> str | None:
     """A split name from train/val/test, or None when not given."""
     if value is None:
