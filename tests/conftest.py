@@ -5,6 +5,7 @@
 - ``mlflow_server``: a real ``mlflow server`` subprocess with a SQLite backend.
 - ``ray_local``: a 2-CPU local Ray, for one test module at a time (``ray_module`` fixture).
 - ``groceries_dir``: the shared Freiburg groceries VOC data, or a clean skip.
+- ``product1m_annotations``: Product1M's real dev and test query files (no images), or a clean skip.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GROCERIES = ROOT.parent / "shared" / "data" / "freiburg_groceries_voc"
+PRODUCT1M_ANNOTATIONS = ROOT.parent / "shared" / "data" / "product1m_annotations"
+PRODUCT1M_FILES = ("product1m_dev_ossurl_v2.txt", "product1m_test_ossurl_v2.txt")
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -140,6 +143,16 @@ def groceries_dir() -> Path:
     if not (GROCERIES / "annotations").is_dir():
         pytest.skip(f"shared grocery data not found at {GROCERIES}")
     return GROCERIES
+
+
+@pytest.fixture(scope="session")
+def product1m_annotations() -> dict[str, Path]:
+    """``{"dev": path, "test": path}``: Product1M's real query files, or a skip with the reason."""
+    paths = dict(zip(("dev", "test"), (PRODUCT1M_ANNOTATIONS / f for f in PRODUCT1M_FILES)))
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        pytest.skip(f"Product1M query files not found: {', '.join(missing)}")
+    return paths
 
 
 @pytest.fixture(scope="session")

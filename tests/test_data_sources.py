@@ -141,7 +141,7 @@ def test_product1m_lines(tmp_path):
     save_jpeg(tmp_path / "imgs" / "extra" / "777.jpg")
     lines = [
         "555#####雅诗兰黛 小棕瓶 精华#####https://img.example.com/i1/O1CN01xyz.jpg#####http://mirror/x.jpg"
-        "#####雅诗兰黛小棕瓶#;#兰蔻粉水",
+        "#####雅诗兰黛小棕瓶#;#兰蔻粉水#;# 雅诗兰黛小棕瓶 #;#",
         "777#####兰蔻 粉水 400ml#####https://img.example.com/i2/gone.jpg#####https://m/gone2.jpg",  # by id
         "888#####某商品#####https://img.example.com/i3/nowhere.jpg",
         "999#####only two fields",
@@ -153,9 +153,42 @@ def test_product1m_lines(tmp_path):
     assert [(i["pair_id"], i["item_id"], i["box"]) for i in ok] == [
         ("555", "兰蔻粉水#;#雅诗兰黛小棕瓶", None), ("777", "777", None)]
     assert ok[0]["query"] == "雅诗兰黛 小棕瓶 精华" and ok[0]["image_ref"].endswith("ab/O1CN01xyz.jpg")
+    # instance labels: the line's order, repeats kept, stripped, empty ones dropped; none -> null
+    assert [i["instance_ids"] for i in ok] == [["雅诗兰黛小棕瓶", "兰蔻粉水", "雅诗兰黛小棕瓶"], None]
     assert _reasons(items) == {f"{path}:3": V.MISSING_IMAGE, f"{path}:4": V.INVALID_LINE,
                                f"{path}:5": V.INVALID_UTF8}
     assert parse_line("1#####t#####//cdn/a.jpg")[2] == ["//cdn/a.jpg"]
+
+
+def test_product1m_real_query_files_every_line_parsed_and_rejected_for_its_image(product1m_annotations, tmp_path):
+    """Product1M's real dev and test files (9,220 lines) with no image on disk: every line is
+    read, parses, and comes out as a rejected ``missing_image`` row carrying its labels."""
+    (tmp_path / "imgs").mkdir()
+    real_lines = {
+        # (file, line) -> instance_ids, as published (a label listed twice: two in the set)
+        ("dev", 1): ["AHC 黄金面霜", "AHC 黄金蜗牛原液精华液", "AHC 黄金水", "AHC 黄金眼霜", "AHC 黄金眼霜"],
+        ("dev", 1000): ["德妃 紫苏舒缓保湿乳液", "德妃 紫苏爽肤水200ml"],
+        ("dev", 2673): ["sk2 神仙水", "sk2 神仙水", "sk2 舒透护肤洁面霜", "sk2 大红瓶面霜", "sk2 大红瓶面霜"],
+        ("test", 5000): ["兰蔻 菁纯眼霜", "兰蔻 菁纯眼霜"],  # "眼霜20ml*2套装"
+    }
+    for name, path in product1m_annotations.items():
+        n_lines = sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
+        asm = assemble(iter_product1m(str(path), str(tmp_path / "imgs"), "mall"))
+        rows = asm.rejected.to_pylist()
+        assert asm.read == n_lines == len(rows) and asm.records.num_rows == 0, name
+        assert {r["reason"] for r in rows} == {V.MISSING_IMAGE} and all("none of" in r["detail"] for r in rows)
+        assert sorted(int(r["source"].rsplit(":", 1)[1]) for r in rows) == list(range(1, n_lines + 1))
+        assert all(r["instance_ids"] and r["query"] and r["pair_id"] for r in rows)
+        by_line = {int(r["source"].rsplit(":", 1)[1]): r for r in rows}
+        for (file, line), labels in real_lines.items():
+            if file == name:
+                assert by_line[line]["instance_ids"] == labels
+                assert by_line[line]["item_id"] == "#;#".join(sorted(set(labels)))
+        # labels per query as the folder's README counts them (repeats included): 2.77 dev, 2.86 test
+        mean = sum(len(r["instance_ids"]) for r in rows) / len(rows)
+        assert round(mean, 2) == {"dev": 2.77, "test": 2.86}[name]
+        print(f"[product1m {name}] {asm.read} lines read, {asm.records.num_rows} kept, {len(rows)} rejected "
+              f"(missing_image), {mean:.2f} labels per query")
 
 
 def test_estimate_row_bytes_reads_file_sizes(tmp_path):

@@ -215,6 +215,25 @@ def test_product1m_missing_images_are_rejected_rows(ray_module, tmp_path):
     assert load_tokenizer(Path(out) / "tokenizer").tokenize("兰蔻粉水") == ["兰", "蔻", "粉", "水"]
 
 
+def test_product1m_real_query_files_lose_no_line(product1m_annotations, ray_module, tmp_path):
+    """``prepare product1m`` on Product1M's real dev and test files, whose images are not here:
+    every line is read and rejected as ``missing_image`` with its instance labels, none lost
+    (tests/test_data_sources.py checks the parsed labels line by line)."""
+    (tmp_path / "imgs").mkdir()
+    for name, path in product1m_annotations.items():
+        n_lines = sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
+        out = str(tmp_path / name)
+        assert prepare.main(["product1m", str(path), "--images", str(tmp_path / "imgs"), "--out", out]) == 0
+        s = read_summary(out)
+        assert (s["read"], s["kept"], s["rejected"]) == (n_lines, 0, n_lines), name
+        assert s["rejected_by_reason"] == {V.MISSING_IMAGE: n_lines} and io.list_datasets(out) == []
+        rejected = io.read_rejected(out)
+        assert rejected.num_rows == n_lines and set(rejected.column("reason").to_pylist()) == {V.MISSING_IMAGE}
+        assert rejected.column("instance_ids").null_count == 0
+        print(f"[prepare product1m {name}] read {s['read']}, kept {s['kept']}, rejected {s['rejected']} "
+              f"{s['rejected_by_reason']}")
+
+
 def test_voc_groceries_full_ingest(groceries_dir, ray_module, tmp_path):
     out = str(tmp_path / "groceries")
     # 87 MB of JPEGs in ~20 MB shards: the train split must come out in several files.
