@@ -9,7 +9,7 @@ Layout written by ``pipelines/index.py`` (the Ray Data actor pool is in
 A shard row is one image (pairs of the same image are merged): ``image_id``, ``item_id`` (its
 first pair's product), ``item_ids`` (every product its pairs name), ``embedding`` (float32
 ``[D]``, L2-normalised), and where the image lives (``source``: the dataset file relative to
-the data root, ``row``: its row there), so the searcher fetches images only for the hits.
+the data root, ``row``: its row there), so the searcher reads images only for the hits (:class:`ImageStore`).
 Each shard's footer records the model fingerprint and its norm statistics, so the manifest is
 assembled from footers alone, and a re-run knows which shards are current.
 """
@@ -237,15 +237,27 @@ def load_index(index: str) -> CatalogueIndex:
                           table.column("source").to_pylist(), table.column("row").to_numpy(), manifest)
 
 
-def fetch_images(data: str, sources: Sequence[str], rows: Sequence[int]) -> list:
-    """The PIL images at (source file, row) pairs of the dataset at ``data``, in order."""
-    fs, base = storage.resolve_filesystem(data)
-    wanted: dict[str, list[int]] = {}
-    for s, r in zip(sources, rows):
-        wanted.setdefault(s, []).append(int(r))
-    found = {}
-    for s, rs in wanted.items():
-        col = pq.read_table(posixpath.join(base, s), columns=["image"], filesystem=fs).column("image")
-        for r in set(rs):
-            found[(s, r)] = decode_image(col[r].as_py())
-    return [found[(s, int(r))] for s, r in zip(sources, rows)]
+class ImageStore:
+    """Reads indexed images back from their dataset files, keeping the image column of the
+    ``cache_files`` most recently used files (a search touches few files, many times)."""
+
+    def __init__(self, data: str, cache_files: int = 4) -> None:
+        self.data = data
+        self.cache_files = int(cache_files)
+        self._columns: dict[str, pa.ChunkedArray] = {}
+
+    def _column(self, source: str) -> pa.ChunkedArray:
+        if source in self._columns:
+            self._columns[source] = self._columns.pop(source)  # most recent last
+        else:
+            fs, base = storage.resolve_filesystem(self.data)
+            self._columns[source] = pq.read_table(posixpath.join(base, source), columns=["image"],
+                                                  filesystem=fs).column("image")
+            while len(self._columns) > self.cache_files:
+                self._columns.pop(next(iter(self._columns)))
+        return self._columns[source]
+
+    def get(self, sources: Sequence[str], rows: Sequence[int]) -> list:
+        """The PIL images at (source file, row) pairs, in order."""
+        return [decode_image(self._column(s)[int(r)].as_py()) for s, r in zip(sources, rows)]
+

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .indexing import CatalogueIndex, fetch_images
+from .indexing import CatalogueIndex, ImageStore
 from .model.seekers import combine_scores
 
 #: Re-ranking by grounding confidence is off by default: bench/rerank.py measured no R@1 gain
@@ -49,14 +49,14 @@ def seek(seeker, index: CatalogueIndex, queries: Sequence[str], k: int = 5, *, d
     Images are read from ``data`` (default: the dataset the index was built from)."""
     if k < 1:
         raise ValueError("k must be >= 1")
-    data = data or index.manifest["data"]
+    store = ImageStore(data or index.manifest["data"])
     n_cand = max(k, int(candidates or k))
     sims, rows = index.search(seeker.encode_queries(list(queries)), n_cand, approximate=approximate)
     results = []
     for query, q_sims, q_rows in zip(queries, sims, rows):
         keep = q_rows >= 0  # an approximate index may find fewer than asked
         q_sims, q_rows = q_sims[keep], q_rows[keep]
-        images = fetch_images(data, [index.source[r] for r in q_rows], [index.row[r] for r in q_rows])
+        images = store.get([index.source[r] for r in q_rows], [index.row[r] for r in q_rows])
         grounded = seeker.ground(images, [query] * len(images)) if images else None
         conf = grounded.confidence if grounded is not None else np.zeros(0, np.float32)
         score = combine_scores(torch.from_numpy(q_sims), torch.from_numpy(conf), rerank_weight).numpy()
@@ -78,14 +78,14 @@ def rerank_recall(seeker, index: CatalogueIndex, queries: Sequence[str], query_i
     Returns ``{weight: {"R@1": ..., "R@5": ..., "queries": Q}}``, plus each query's hits
     (``"hits@1"``, ``"hits@5"``: bool lists) with ``per_query``, for paired comparisons.
     """
-    data = index.manifest["data"]
+    store = ImageStore(index.manifest["data"])
     emb = seeker.encode_queries(list(queries))
     sims, rows = index.search(emb, candidates)
     hits: dict[float, dict[int, list[bool]]] = {w: {1: [], 5: []} for w in weights}
     for start in range(0, len(queries), batch_size):
         sl = slice(start, start + batch_size)
         flat = rows[sl].reshape(-1)
-        images = fetch_images(data, [index.source[r] for r in flat], [index.row[r] for r in flat])
+        images = store.get([index.source[r] for r in flat], [index.row[r] for r in flat])
         q_rep = [q for q in queries[sl] for _ in range(rows.shape[1])]
         conf = seeker.ground(images, q_rep).confidence.reshape(-1, rows.shape[1])
         rel = np.array([[item in index.item_ids[r] for r in q_rows] for item, q_rows in zip(query_items[sl], rows[sl])])
