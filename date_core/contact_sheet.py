@@ -44,7 +44,7 @@ def thumbnail(image: Image.Image, box: Sequence[float] | None, size: int = THUMB
 
 
 def _caption(hit) -> str:
-    return f"#{hit.rank} {hit.score:.3f}  conf {hit.confidence:.2f}"
+    return f"#{hit.rank}  score {hit.score:.3f}  conf {hit.confidence:.2f}"
 
 
 def write_png(queries: Sequence[str], hits: Sequence[Sequence], path: str | Path) -> Path:
