@@ -12,11 +12,12 @@ score = similarity + weight x grounding confidence; weight 0 is retrieval alone.
 
 Reports R@1 and R@5 per weight with the standard error, and the paired difference of R@1 to
 weight 0 with its standard error (the same queries and candidates under both). Writes
-``bench/results/rerank.json``.
+``bench/results/rerank.json`` (benchmarks not named in this run are kept from the file).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def run_bench(name: str, model: str, data: str, datasets: list[tuple[str, str]],
             row["R@1 - R@1(w=0)"] = float(diff.mean())
             row["paired se"] = float(diff.std() / np.sqrt(n))
         rows.append(row)
-    return {"model": model, "data": data, "datasets": ["/".join(d) for d in datasets], "images": len(index),
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": model, "data": data, "datasets": ["/".join(d) for d in datasets], "images": len(index),
             "queries": len(queries), "candidates": candidates, "seconds": time.perf_counter() - start, "rows": rows}
 
 
@@ -86,8 +87,11 @@ def main(argv=None) -> int:
     for name, model, data, datasets in args.bench:
         pairs = [tuple(d.split("/")) for d in datasets.split(",")]
         benches[name] = run_bench(name, model, data, pairs, weights, args.candidates, args.threads)
-    path = write_result("rerank", {"benchmarks": benches, "weights": weights, "candidates": args.candidates},
-                        args.results_dir)
+    # benchmarks not run now are kept from the previous file (each entry has its own date)
+    old = Path(args.results_dir or ROOT / "bench" / "results") / "rerank.json"
+    kept = json.loads(old.read_text())["benchmarks"] if old.is_file() else {}
+    path = write_result("rerank", {"benchmarks": {**kept, **benches}, "weights": weights,
+                                   "candidates": args.candidates}, args.results_dir)
     for name, b in benches.items():
         print(f"\n{name}: {b['images']} images, {b['queries']} queries ({', '.join(b['datasets'])})")
         print(markdown_table(b["rows"]))
