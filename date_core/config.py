@@ -41,19 +41,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``--set`` style overrides to a config; each key and value is checked against the
     schema (:class:`~date_core.config_schema.ConfigError` on an unknown key or a wrong type)."""
-    from date_core.config_schema import check
-
     out = copy.deepcopy(dict(cfg))
     for text in overrides:
         path, value = parse_override(text)
-        value = check(".".join(path), value, where=f"--set {text}")
-        node = out
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):  # e.g. into an empty or null model.overrides
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+        set_value(out, ".".join(path), value, where=f"--set {text}")
     return out
+
+
+def set_value(cfg: dict[str, Any], path: str, value: Any, where: str = "") -> None:
+    """Set the dotted key ``path`` of ``cfg`` in place, checked (and coerced) by the schema."""
+    from date_core.config_schema import check
+
+    value = check(path, value, where=where)
+    parts = path.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):  # e.g. into an empty or null model.overrides
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -196,13 +196,13 @@ def flat_keys(spec: Section = SCHEMA, prefix: str = "", *, expand_partial: bool 
     return out
 
 
-def _nearest(path: str) -> str:
+def _nearest(path: str, root: Section = SCHEMA) -> str:
     """``; did you mean 'x.y'?``: the same name in another section (adapt.epochs ->
     train.epochs), else the closest spelling (keys of a partial section such as model.overrides
     are listed only for a path inside it: listing the model's fields imports the model)."""
-    known = list(flat_keys()) + _sections()
-    for section in [k for k, v in flat_keys().items() if isinstance(v, Section) and path.startswith(k + ".")]:
-        known += [f"{section}.{name}" for name in lookup(section).keys()]
+    known = list(flat_keys(root)) + _sections(root)
+    for section in [k for k, v in flat_keys(root).items() if isinstance(v, Section) and path.startswith(k + ".")]:
+        known += [f"{section}.{name}" for name in lookup(section, root=root).keys()]
     leaf = path.rsplit(".", 1)[-1]
     match = [k for k in known if "." in path and k.rsplit(".", 1)[-1] == leaf and k != path][:1]
     match = match or difflib.get_close_matches(path, known, n=1, cutoff=0.5)
@@ -223,11 +223,11 @@ def _where(where: str) -> str:
     return f" (in {where})" if where else ""
 
 
-def lookup(path: str | list[str], where: str = "") -> Spec:
+def lookup(path: str | list[str], where: str = "", root: Section = SCHEMA) -> Spec:
     """The spec of the dotted ``path``; :class:`ConfigError` naming the nearest known key when
     there is none. Inside a ``dict[str, X]`` key any name is allowed (its spec is ``X``)."""
     parts = path.split(".") if isinstance(path, str) else list(path)
-    spec: Spec = SCHEMA
+    spec: Spec = root
     for i, part in enumerate(parts):
         dotted = ".".join(parts[:i + 1])
         if isinstance(spec, Section) and part in spec.keys():
@@ -235,7 +235,7 @@ def lookup(path: str | list[str], where: str = "") -> Spec:
         elif isinstance(spec, Key) and typing.get_origin(_strip_none(spec.type)) is dict:
             spec = Key(typing.get_args(_strip_none(spec.type))[1], spec.help)
         else:
-            raise ConfigError(f"unknown config key {dotted!r}{_where(where)}{_nearest(dotted)}")
+            raise ConfigError(f"unknown config key {dotted!r}{_where(where)}{_nearest(dotted, root)}")
     return spec
 
 
@@ -323,10 +323,11 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise _Mismatch
 
 
-def check(path: str, value: Any, spec: Spec | None = None, where: str = "") -> Any:
-    """``value`` validated (and coerced) for the key at dotted ``path``; nested mappings are
-    checked key by key. Raises :class:`ConfigError` (one line)."""
-    spec = spec if spec is not None else lookup(path, where)
+def check(path: str, value: Any, spec: Spec | None = None, where: str = "", root: Section = SCHEMA) -> Any:
+    """``value`` validated (and coerced) for the key at dotted ``path`` of ``root`` (the config
+    schema, or another such as a search space's); nested mappings are checked key by key.
+    Raises :class:`ConfigError` (one line)."""
+    spec = spec if spec is not None else lookup(path, where, root)
     if isinstance(spec, Section):
         if value is None and spec.nullable:
             return None
@@ -337,8 +338,8 @@ def check(path: str, value: Any, spec: Spec | None = None, where: str = "") -> A
         for name, sub in value.items():
             child = f"{path}.{name}" if path else str(name)
             if name not in spec.keys():
-                raise ConfigError(f"unknown config key {child!r}{_where(where)}{_nearest(child)}")
-            out[name] = check(child, sub, spec.keys()[name], where)
+                raise ConfigError(f"unknown config key {child!r}{_where(where)}{_nearest(child, root)}")
+            out[name] = check(child, sub, spec.keys()[name], where, root)
         return out
     try:
         return _coerce(value, spec.type)

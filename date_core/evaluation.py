@@ -37,8 +37,9 @@ class Evaluation:
     samples: dict[str, Any] = field(default_factory=dict)
 
 
-def _batches(root: str, domain: str, split: str, transform: BatchTransform, batch_size: int,
-             limit: int | None):
+def split_batches(root: str, domain: str, split: str, transform: BatchTransform, batch_size: int,
+                  limit: int | None):
+    """(rows, batch) pairs of ``root/<domain>/<split>``, streamed from Parquet (first ``limit`` pairs)."""
     uri = io.pairs_uri(root, domain, split)
     fs, _ = storage.resolve_filesystem(uri)
     seen = 0
@@ -52,17 +53,23 @@ def _batches(root: str, domain: str, split: str, transform: BatchTransform, batc
             yield rows, transform(rows)
 
 
-def evaluate_split(model_dir: str | Path, root: str, domain: str, split: str, *, batch_size: int = 64,
-                   limit: int | None = None, n_samples: int = 12, device: str = "cpu") -> Evaluation:
-    """All PR + PG metrics of the checkpoint at ``model_dir`` on ``root/<domain>/<split>``."""
+def load_for_eval(model_dir: str | Path, root: str, device: str = "cpu") -> tuple[torch.nn.Module, BatchTransform]:
+    """The checkpoint's model (eval mode) and its evaluation transform (its own tokenizer, else
+    the dataset's)."""
     model = load_model(model_dir, device=device)
     tok_dir = Path(model_dir) / "tokenizer"
     tokenizer = load_tokenizer(tok_dir if tok_dir.is_dir() else storage.join(root, "tokenizer"))
-    transform = BatchTransform(tokenizer, model.config.image_size, model.config.max_text_len, train=False)
+    return model, BatchTransform(tokenizer, model.config.image_size, model.config.max_text_len, train=False)
+
+
+def evaluate_split(model_dir: str | Path, root: str, domain: str, split: str, *, batch_size: int = 64,
+                   limit: int | None = None, n_samples: int = 12, device: str = "cpu") -> Evaluation:
+    """All PR + PG metrics of the checkpoint at ``model_dir`` on ``root/<domain>/<split>``."""
+    model, transform = load_for_eval(model_dir, root, device)
     samples: dict[str, list] = {"images": [], "queries": [], "true": [], "pred": [], "orig": []}
 
     def model_batches():
-        for rows, batch in _batches(root, domain, split, transform, batch_size, limit):
+        for rows, batch in split_batches(root, domain, split, transform, batch_size, limit):
             take = max(0, n_samples - len(samples["images"]))
             for i in range(min(take, len(rows["query"]))):
                 samples["images"].append(decode_image(bytes(rows["image"][i])))

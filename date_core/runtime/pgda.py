@@ -23,7 +23,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from date_core.data import storage
 from date_core.evaluation import evaluate_split
@@ -34,6 +34,11 @@ from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target
 from date_core.runtime.supervised import run_stage
 
 STATE_FILE = "pgda_state.json"
+#: ``on_round(round_index, record, model_dir, run_id) -> metrics``: called after each round's
+#: model is evaluated, before the round is recorded as done (``run_id``: the job's MLflow run);
+#: the metrics it returns are kept in the round's record (``select``). A sweep's trial measures,
+#: logs and reports to Tune here (where ASHA may stop it)
+RoundHook = Callable[[int, dict, Path, str], Mapping[str, float] | None]
 
 
 def _state_uri(cfg: Mapping[str, Any], name: str) -> str:
@@ -75,13 +80,16 @@ def describe_round(cfg: Mapping[str, Any], r: int) -> str:
     return " + ".join(parts)
 
 
-def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """Run (or continue) the PG-DA job called ``name``; returns the results table's rows."""
+def run_pgda(cfg: Mapping[str, Any], name: str, *, parent_run_id: str | None = None,
+             on_round: RoundHook | None = None, register: bool = True) -> dict[str, Any]:
+    """Run (or continue) the PG-DA job called ``name``; returns the results table's rows.
+    ``parent_run_id``: the MLflow run this job's run nests under (a sweep's); ``on_round``: see
+    :data:`RoundHook`; ``register``: register the final model (a sweep's trials do not)."""
     data, adapt = cfg["data"], cfg["adapt"]
     ensure_dataset(cfg, "pgda")
     experiment_id = tracking.setup(cfg["runtime"]["experiment"])
     uri = tracking.tracking_uri()
-    parent_id, resumed = tracking.start_or_resume(experiment_id, name, "pgda", uri=uri)
+    parent_id, resumed = tracking.start_or_resume(experiment_id, name, "pgda", parent_run_id, uri=uri)
     tracking.log_config(parent_id, cfg, uri)
     state = load_state(cfg, name)
     rounds = int(adapt["rounds"])
@@ -96,12 +104,13 @@ def run_pgda(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        return _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work)
+        return _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work, on_round, register)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work: Path) -> dict[str, Any]:
+def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work: Path,
+                on_round: RoundHook | None = None, register: bool = True) -> dict[str, Any]:
     data, adapt = cfg["data"], cfg["adapt"]
     rounds = int(adapt["rounds"])
     align = bool(alignment_terms(cfg))
@@ -139,6 +148,8 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
                   flush=True)
         record["test"] = evaluate_split(stage.model_dir, data["root"], data["target_domain"], data["test_split"]).metrics
         tracking.log_metrics(parent_id, record["test"], r, uri)
+        if on_round is not None:
+            record["select"] = dict(on_round(r, record, stage.model_dir, parent_id) or {})
         state["rounds"].append(record)
         atomic_write(_state_uri(cfg, name), metrics_json(state, indent=1).encode())
 
@@ -149,14 +160,15 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
     metrics.update(evaluate_split(final_dir, data["root"], data["source_domain"], data["test_split"]).metrics)
     tracking.log_metrics(parent_id, metrics, rounds, uri)
     version = state.get("registered_version")
-    if version is None:
+    if version is None and register:
         version = tracking.log_and_register(parent_id, final_dir, cfg["runtime"]["registered_model"], metrics, uri)
         state["registered_version"] = version
         atomic_write(_state_uri(cfg, name), metrics_json(state, indent=1).encode())
     tracking.end_run(parent_id, "FINISHED", uri)
     rows = results_rows(state, data["target_domain"], data["test_split"])
     print(format_results(rows, f"{data['target_domain']}_{data['test_split']}"), flush=True)
-    print(f"[pgda] final model: registered {cfg['runtime']['registered_model']} version {version}; "
+    print(f"[pgda] final model: " + (f"registered {cfg['runtime']['registered_model']} version {version}; "
+                                     if version is not None else "not registered; ") +
           f"{data['source_domain']}_{data['test_split']} pg/acc@0.5 "
           f"{metrics.get(data['source_domain'] + '_' + data['test_split'] + '/pg/acc@0.5', float('nan')):.3f}", flush=True)
     return {"rows": rows, "version": version, "parent_run_id": parent_id, "metrics": metrics}

@@ -265,17 +265,20 @@ class _Tracker:
 
 
 # ----------------------------------------------------------------------------- trainer
+def storage_location(storage_uri: str) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem`` for ``s3://``, with the endpoint from the AWS
+    environment) of a Ray Train or Tune ``RunConfig``."""
+    if storage.is_s3(storage_uri):
+        fs, path = storage.resolve_filesystem(storage_uri)
+        return dict(storage_path=path, storage_filesystem=fs)
+    return dict(storage_path=str(Path(storage_uri).resolve()))
+
+
 def run_config(cfg: Mapping[str, Any], name: str) -> RunConfig:
     """Storage (local path or ``s3://``, with the endpoint from the AWS environment), failure
     handling and checkpoint retention of a run called ``name`` (same name = resume)."""
-    storage_uri = str(cfg["runtime"]["storage"])
-    if storage.is_s3(storage_uri):
-        fs, path = storage.resolve_filesystem(storage_uri)
-        where = dict(storage_path=path, storage_filesystem=fs)
-    else:
-        where = dict(storage_path=str(Path(storage_uri).resolve()))
     return RunConfig(
-        name=name, **where,
+        name=name, **storage_location(str(cfg["runtime"]["storage"])),
         failure_config=FailureConfig(max_failures=int(cfg["runtime"].get("max_failures", 2))),
         checkpoint_config=CheckpointConfig(num_to_keep=int(cfg["runtime"].get("keep_checkpoints", 2))),
         # ray.train INFO lines (resources, process groups, devices) go to the log files only
