@@ -101,7 +101,7 @@ def worker(method: str, folder: Path, k: int, threads: int, latency_queries: int
 
     _reset_peak()
     base_rss = _rss_mib()
-    out: dict = {"method": method}
+    out: dict = {"method": method, "load_avg_start": os.getloadavg()[0]}
     if method == "numpy":
         from date_core.search import brute_force as run
 
@@ -141,6 +141,7 @@ def worker(method: str, folder: Path, k: int, threads: int, latency_queries: int
     out["blas"] = [{key: info.get(key) for key in ("internal_api", "version", "architecture", "num_threads")}
                    for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
     out["env"] = {v: os.environ.get(v) for v in BLAS_VARS}
+    out["load_avg_end"] = os.getloadavg()[0]  # other jobs on the machine: read the ratios with it
     np.save(folder / f"{method}_ids.npy", ids)
     np.save(folder / f"{method}_scores.npy", scores)
     return out
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
         print(f"\n{kind} gallery ({args.gallery:,} x {args.dim}, {args.queries} queries, top-{args.k}):")
         print(markdown_table([{"method": m, **{c: r.get(c) for c in (
             "qps", "x_numpy", "latency_ms_p50", "latency_ms_p99", "peak_extra_mib", "build_s", "recall@10",
-            "identical_to_numpy")}} for m, r in rows.items()]))
+            "identical_to_numpy", "load_avg_start", "load_avg_end")}} for m, r in rows.items()]))
     print(f"\n[search] {hardware()['usable_cpus']} CPUs; wrote {path}")
     return 0
 
