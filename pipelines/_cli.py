@@ -18,6 +18,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Ray Data's live progress bars turn the logs of non-interactive jobs into megabytes of noise;
 # the stages print their own progress (step, ETA). Read by Ray Data at import time.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Likewise MLflow's artifact progress bars and its "View run at <url>" lines after every run
+# update against a tracking server (the stages print their MLflow run ids themselves).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:

@@ -105,7 +105,7 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{uri}/health", timeout=120, proc=proc)
+        _wait_http(f"{uri}/health", timeout=300, proc=proc)  # minutes on a loaded 2-core machine
         yield uri
     finally:
         proc.terminate()
@@ -153,6 +153,22 @@ def product1m_annotations() -> dict[str, Path]:
     if missing:
         pytest.skip(f"Product1M query files not found: {', '.join(missing)}")
     return paths
+
+
+def checkpoint_registered(run_uri: str) -> bool:
+    """True once the Ray Train run at ``run_uri`` (``<storage>/<name>``, local or s3://) has a
+    checkpoint it would restart from. A checkpoint folder on storage is not one yet: the
+    controller registers it afterwards and then writes its snapshot; a failure injected in
+    between (a wide gap on a loaded machine) correctly restarts from scratch."""
+    import json
+
+    from date_core.data import storage
+
+    try:
+        snapshot = storage.read_bytes(storage.join(run_uri, "checkpoint_manager_snapshot.json"))
+        return bool(json.loads(snapshot.decode()).get("latest_checkpoint_result"))
+    except (OSError, ValueError):
+        return False
 
 
 @pytest.fixture(scope="session")

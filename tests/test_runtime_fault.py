@@ -2,7 +2,6 @@
 one training worker's process is killed mid-run; the run completes, resumed from a checkpoint."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -10,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import checkpoint_registered
 
 pytestmark = pytest.mark.integration
 
@@ -62,21 +63,11 @@ def test_killed_worker_resumes_from_s3_checkpoint(s3_ray, pw_dataset, tmp_path):
     fs, root = storage.resolve_filesystem(f"{store_uri}/killed")
     killed: list[int] = []
 
-    def registered_checkpoint() -> bool:
-        # A checkpoint folder on S3 is not yet a checkpoint the run restarts from: the
-        # controller registers it afterwards and then writes its snapshot. Killing in between
-        # (a wide gap on a loaded machine) correctly restarts from scratch, so wait for it.
-        try:
-            with fs.open_input_stream(f"{root}/checkpoint_manager_snapshot.json") as f:
-                return bool(json.loads(f.read().decode()).get("latest_checkpoint_result"))
-        except (OSError, ValueError):
-            return False
-
     def kill_after_first_checkpoint() -> None:
         deadline = time.time() + 600
         while time.time() < deadline:
             pids = _train_worker_pids()
-            if pids and registered_checkpoint():
+            if pids and checkpoint_registered(f"{store_uri}/killed"):
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
                 return

@@ -19,28 +19,42 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
         return
     # Ray Data's live progress bars turn logs of non-interactive jobs into megabytes of noise.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    # The terminal shows progress lines and results; executor INFO lines stay in Ray's log files.
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _ray_data_logging_config())
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars of every worker
-    from ray.data._internal.logging import configure_logging
-
-    configure_logging()  # ray.data may have been imported before the variable was set
+    quiet_worker()  # this driver too: ray.data may have been imported before the variables were set
     ray.data.DataContext.get_current().enable_progress_bars = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] != "1"
+    # RAY_DATA_LOGGING_CONFIG names a file on this machine: each worker's setup hook writes its own
     env_vars = {k: v for k, v in os.environ.items()
-                if k.startswith(("AWS_", "MLFLOW_", "RAY_DATA_"))
+                if k.startswith(("AWS_", "MLFLOW_", "RAY_DATA_")) and k != "RAY_DATA_LOGGING_CONFIG"
                 or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")}
     # Ray Train re-routes a worker's print() through its logger and also to stdout, so every
     # progress line of the training loop reached the driver twice.
     env_vars["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    runtime_env = {"env_vars": env_vars}
+    # Under `ray job submit` the job's runtime env already reaches every worker, and ray.init
+    # refuses (ValueError) to set one of its fields or variables a second time, even to the
+    # same value.
+    job_env = _job_runtime_env()
+    runtime_env: dict[str, Any] = {"env_vars": {k: v for k, v in env_vars.items()
+                                                if k not in (job_env.get("env_vars") or {})}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        if "worker_process_setup_hook" not in job_env:
+            runtime_env["worker_process_setup_hook"] = "date_core.runtime.session.quiet_worker"
+        # WARNING: not the three "connecting to the cluster" INFO lines in every job's log
+        ray.init(runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
         return
     cpus = os.cpu_count() or 2
-    runtime_env = {**runtime_env, "worker_process_setup_hook": "date_core.runtime.session.quiet_local_worker"}
+    runtime_env["worker_process_setup_hook"] = "date_core.runtime.session.quiet_local_worker"
     # address="local": a fresh Ray for this job, never one some other process left running
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
              object_store_memory=int((cfg or {}).get("runtime", {}).get("object_store_mb", 512)) * 1024 * 1024)
+
+
+def _job_runtime_env() -> dict[str, Any]:
+    """The runtime env of the submitted job running this driver (``ray job submit
+    --working-dir ... --runtime-env-json ...``); empty outside a submitted job."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
 
 
 def _ray_data_logging_config() -> str:
@@ -59,6 +73,21 @@ def _ray_data_logging_config() -> str:
     return path
 
 
+def quiet_worker() -> None:
+    """Ray worker-process setup hook (every worker of a stage, on every node; also run by the
+    driver): Ray Data's console at WARNING, its executor INFO lines only in Ray's log files.
+
+    The config file is written on each node: a path passed from the driver would name nothing
+    on the other nodes of a cluster, and ``import ray.data`` fails on a config it cannot open.
+    """
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _ray_data_logging_config())
+    from ray.data._internal.logging import configure_logging
+
+    configure_logging()  # ray.data is imported by now (the config starts from Ray's default)
+    # "Progress bars disabled. To enable, ..." is warned by every process that runs a dataset
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 #: Ray Train's placement-group cleaner asks the State API (served by the dashboard) every second
 #: whether the controller lives, and warns each time it cannot: on a local Ray without a dashboard
 #: that is hundreds of identical lines per stage. It only matters when a controller dies while
@@ -68,6 +97,7 @@ _LOCAL_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cle
 
 def quiet_local_worker() -> None:
     """Ray worker-process setup hook of the local Ray started by :func:`init_ray`."""
+    quiet_worker()
     for name in _LOCAL_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -106,6 +106,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]
     tcfg, rcfg = cfg["train"], cfg["runtime"]
+    _quiet_report_log(str(rcfg.get("train_log_level", "WARNING")))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -234,6 +235,19 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank, metrics)
         if state["epoch"] >= epochs:
             break
+
+
+def _quiet_report_log(level: str) -> None:
+    """Hold Ray Train's per-report INFO line (the whole metrics dict, every checkpoint) to
+    ``runtime.train_log_level`` on the console. Ray 2.60 logs it under a logger named by the
+    module's file path, outside ``ray.train``, so ``LoggingConfig`` does not reach it."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(getattr(logging, level.upper(), logging.WARNING))
 
 
 def _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank, metrics) -> None:
