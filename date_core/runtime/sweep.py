@@ -59,21 +59,33 @@ def check_target_labels(cfg: Mapping[str, Any]) -> None:
     if not storage.exists(uri):
         raise SweepError(f"no target validation split at {uri}")
     fs, _ = storage.resolve_filesystem(uri)
-    boxes = sum(pq.ParquetFile(fs.open_input_file(f)).read(columns=["box"]).column("box").drop_null().__len__()
-                for f in io.parquet_files(uri))
+    columns = [pq.ParquetFile(fs.open_input_file(f)).read(columns=["box"]).column("box") for f in io.parquet_files(uri)]
+    boxes = sum(len(c) - c.null_count for c in columns)
     if boxes == 0:
         raise SweepError(f"--select-by target_val needs boxes on {uri} (labels you supply for a few hundred target "
                          f"pairs); without them use --select-by proxy")
 
 
 # ---------------------------------------------------------------------------------- trial
-def _report(round_index: int, metrics: Mapping[str, float]) -> None:
-    """One round to Tune, with a small checkpoint naming the rounds Tune has seen."""
+AWAITING_MARKER = "awaiting_scheduler"
+
+
+def _report(round_index: int, metrics: Mapping[str, float], trial_dir: str) -> None:
+    """One round to Tune, with a small checkpoint naming the rounds Tune has seen.
+
+    Tune's report blocks until the scheduler decides; when it stops the trial, the report never
+    returns (the trial's process ends). A marker written before and removed after the report
+    therefore stays only on a trial the scheduler stopped, which tells an early stop from a trial
+    of an interrupted sweep (killed mid-round, marker gone)."""
     import ray.tune
 
+    marker = storage.join(trial_dir, AWAITING_MARKER)
+    storage.write_bytes(marker, str(round_index + 1).encode())
     with tempfile.TemporaryDirectory(prefix="date-tune-") as tmp:
         Path(tmp, "rounds.json").write_text(json.dumps({"reported": round_index + 1}))
         ray.tune.report({**metrics, "round": round_index + 1}, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+    fs, path = storage.resolve_filesystem(marker)
+    fs.delete_file(path)
 
 
 def _reported_rounds() -> int:
@@ -103,9 +115,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: dict[str, str
     cfg = trial_config(base, params)
     cfg["runtime"]["run_name"] = name
     cfg["runtime"]["storage"] = sweep["trial_storage"]
+    trial_dir = storage.join(sweep["trial_storage"], name)
     done = load_state(cfg, name)["rounds"]
     for record in done[_reported_rounds():]:  # a restored trial: rounds finished but never reported
-        _report(record["round"], record.get("select", {}))
+        _report(record["round"], record.get("select", {}), trial_dir)
 
     last = int(cfg["adapt"]["rounds"]) - 1
     final: dict[str, float] = {}
@@ -114,14 +127,14 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: dict[str, str
         metrics = selection_metrics(model_dir, cfg)
         tracking.log_metrics(run_id, metrics, r)  # before reporting: ASHA may stop the trial there
         if r < last:
-            _report(r, metrics)
+            _report(r, metrics, trial_dir)
         else:  # ASHA stops every trial that reaches max_t: report once the run has closed
             final.update(metrics)
         return metrics
 
     run_pgda(cfg, name, parent_run_id=sweep["parent_run_id"], on_round=on_round, register=False)
     if final:
-        _report(last, final)
+        _report(last, final, trial_dir)
 
 
 # --------------------------------------------------------------------------------- driver
@@ -182,11 +195,11 @@ def run_sweep(cfg: Mapping[str, Any], space: Space, name: str, select_by: str, o
     except Exception:
         tracking.end_run(parent_id, "FAILED", uri)
         raise
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
-    if unfinished:  # interrupted (Ctrl-C, a lost driver): Tune saved its state; the runs stay open
-        raise SweepError(f"sweep {name} interrupted with {unfinished} trial(s) unfinished; run the same command "
-                         f"again to resume it (Tuner.restore)")
-    rows = trial_rows(grid, name, int(cfg["adapt"]["rounds"]), metric)
+    trial_storage = storage.join(str(cfg["runtime"]["storage"]), name, "trials")
+    rows = trial_rows(grid, name, int(cfg["adapt"]["rounds"]), metric, trial_storage)
+    if any(r["status"] == "interrupted" for r in rows):  # Ctrl-C or a lost driver: Tune saved its state; the MLflow runs stay open
+        raise SweepError(f"sweep {name} was interrupted before all trials finished; run the same command again "
+                         f"to resume it (Tuner.restore)")
     _close_trial_runs(client, experiment_id, parent_id, rows)
     summary = summarise(rows, metric, mode, space.metric)
     if summary["best"] is None:
@@ -214,8 +227,9 @@ def run_sweep(cfg: Mapping[str, Any], space: Space, name: str, select_by: str, o
     return {"rows": rows, "summary": summary, "parent_run_id": parent_id, "best_config": str(out)}
 
 
-def trial_rows(grid, name: str, rounds: int, metric: str) -> list[dict[str, Any]]:
-    """One row per trial: params, rounds reached, status and the per-round metrics."""
+def trial_rows(grid, name: str, rounds: int, metric: str, trial_storage: str) -> list[dict[str, Any]]:
+    """One row per trial: params, rounds reached, status (finished, stopped early by the
+    scheduler, error, or interrupted) and the per-round metrics."""
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -223,8 +237,10 @@ def trial_rows(grid, name: str, rounds: int, metric: str) -> list[dict[str, Any]
             int(r["round"]): {k: _num(v) for k, v in r.items() if k.startswith((f"{TARGET_VAL}/", f"{PROXY}/"))}
             for r in history.to_dict("records") if "round" in r and r["round"] == r["round"]}
         reached = max(per_round, default=0)
-        status = "error" if result.error else ("finished" if reached >= rounds else "stopped early")
         trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
+        stopped = storage.exists(storage.join(trial_storage, trial_name(name, trial_id), AWAITING_MARKER))
+        status = ("error" if result.error else "finished" if reached >= rounds
+                  else "stopped early" if stopped else "interrupted")
         rows.append({"trial_id": trial_id, "run_name": trial_name(name, trial_id),
                      "params": dict(result.config or {}), "rounds": reached, "status": status,
                      "value": per_round.get(reached, {}).get(metric, float("nan")), "per_round": per_round})
@@ -256,13 +272,14 @@ def summarise(rows: list[dict[str, Any]], metric: str, mode: str, labelled: str)
 
 
 def _close_trial_runs(client, experiment_id: str, parent_id: str, rows: list[dict[str, Any]]) -> None:
-    """A trial ASHA stopped (or that failed) left its MLflow run open: close it, tagged."""
+    """Tag each trial's MLflow run with its status; a trial ASHA stopped (or that failed) left
+    its run open: close it."""
     for row in rows:
-        if row["status"] == "finished":
-            continue
         run = tracking.find_run(experiment_id, row["run_name"], parent_id)
-        if run is not None and run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "date.sweep.status", row["status"])
+        if run is None:
+            continue
+        client.set_tag(run.info.run_id, "date.sweep.status", row["status"])
+        if row["status"] != "finished" and run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "KILLED" if row["status"] == "stopped early" else "FAILED")
 
 
