@@ -68,8 +68,12 @@ def _ray_data_logging_config() -> str:
     config = copy.deepcopy(DEFAULT_CONFIG)
     config["handlers"]["console"]["level"] = "WARNING"
     path = os.path.join(tempfile.gettempdir(), f"date-ray-data-logging-{os.getuid()}.yaml")
-    with open(path, "w", encoding="utf-8") as fh:
+    # many workers start at once (a sweep's trials): each writes its own file and renames it
+    # over the shared name, so no reader ever sees a half-written config
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
         yaml.safe_dump(config, fh)
+    os.replace(tmp, path)
     return path
 
 
