@@ -76,7 +76,8 @@ def test_killed_worker_resumes_from_s3_checkpoint(s3_ray, pw_dataset, tmp_path):
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
     try:
-        result = run_stage(cfg, "killed", experiment_id=tracking.setup("test-fault"), register=False)
+        result = run_stage(cfg, "killed", experiment_id=tracking.setup("test-fault"), register=False,
+                           out_dir=tmp_path / "out")
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     killer.join(timeout=5)

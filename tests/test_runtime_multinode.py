@@ -46,7 +46,8 @@ def test_two_workers_on_two_nodes(two_nodes, pw_dataset, tmp_path):
         "runtime.torch_threads=1",
     ])
     try:
-        result = run_stage(cfg, "two-nodes", experiment_id=tracking.setup("test-multinode"), register=False)
+        result = run_stage(cfg, "two-nodes", experiment_id=tracking.setup("test-multinode"), register=False,
+                           out_dir=tmp_path / "out")
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     nodes = result.metrics["worker_nodes"].split(",") if "worker_nodes" in result.metrics else []

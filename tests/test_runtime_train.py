@@ -81,10 +81,10 @@ def test_rerun_with_same_name_continues(tracked, pw_dataset, tmp_path):
 
     exp = tracking.setup("test-train")
     first = run_stage(_cfg(pw_dataset, str(tmp_path / "ray"), max_steps=3), "resume-me", experiment_id=exp,
-                      register=False)
+                      register=False, out_dir=tmp_path / "out1")
     assert first.start_step == 0
     second = run_stage(_cfg(pw_dataset, str(tmp_path / "ray"), max_steps=6), "resume-me", experiment_id=exp,
-                       register=False)
+                       register=False, out_dir=tmp_path / "out2")
     assert second.run_id == first.run_id           # the same MLflow run continues
     assert second.start_step == 3                  # from the first run's last checkpoint
     assert second.metrics["step"] == 6

@@ -6,7 +6,6 @@ fit, the final model's evaluation figures, and its registration.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,11 +29,12 @@ class StageResult:
 
 def run_stage(cfg: Mapping[str, Any], name: str, *, stage: str = "train", experiment_id: str,
               parent_run_id: str | None = None, target=None, align: bool = False, init_from: str | None = None,
-              register: bool = True, out_dir: str | Path | None = None) -> StageResult:
+              register: bool = True, out_dir: str | Path) -> StageResult:
     """Train one stage called ``name`` and return its final model.
 
     Re-running with the same ``name`` continues from the stage's last checkpoint (Ray Train
-    restores it from ``runtime.storage/<name>``) and logs into the same MLflow run.
+    restores it from ``runtime.storage/<name>``) and logs into the same MLflow run. The final
+    model folder (and the figures) are written under ``out_dir``, which the caller owns and removes.
     """
     from date_core.model import resolve_model_config
 
@@ -60,7 +60,8 @@ def run_stage(cfg: Mapping[str, Any], name: str, *, stage: str = "train", experi
         tracking.end_run(run_id, "FAILED", uri)
         raise RuntimeError(f"stage {name} finished without a checkpoint")
 
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix=f"date-{name}-"))
+    # required: the caller owns (and removes) the folder the final model is copied into
+    out_dir = Path(out_dir)
     # an adaptation round's output is its EMA teacher (it labelled the target and is what is kept)
     model_dir = checkpoint_model_dir(result.checkpoint, out_dir / "model", prefer_teacher=target is not None)
     metrics = dict(result.metrics or {})
