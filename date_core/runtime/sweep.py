@@ -1,7 +1,7 @@
 """Sweeps: Ray Tune over PG-DA's adaptation knobs, driver side.
 
-Recipe (Ray Train V2's pattern: a Tune *function* trainable that launches Train runs; never
-``Tuner(trainer)``)::
+Recipe (Ray Train V2's pattern: a Tune *function* trainable that launches Train runs; a
+trainer is never handed to the Tuner itself)::
 
     sweep (MLflow parent run)
       trial = Tune function trainable (its own resources, e.g. 1 CPU)
