@@ -177,3 +177,15 @@ def pw_dataset(tmp_path_factory) -> Path:
     from date_core.data.sample import write_small_productworld
 
     return write_small_productworld(tmp_path_factory.mktemp("productworld"), mall=120, live=60)
+
+
+def pgda_runs(tracking_uri: str, experiment: str):
+    """The one FINISHED PG-DA parent run of ``experiment`` and its child runs (one per round)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`date.stage` = 'pgda'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    return parents[0], children

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, pgda_runs
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,10 +163,8 @@ def test_ray_job_submit_pgda(ray_head, s3_endpoint, mlflow_server, pw_dataset, t
     assert max(len(line) for line in logs.splitlines() if not line.startswith("Running entrypoint")) < 600
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    exp = client.get_experiment_by_name("test-job")
-    parents = client.search_runs([exp.experiment_id], "tags.`date.stage` = 'pgda'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    parent, children = pgda_runs(mlflow_server, "test-job")
+    parents = [parent]
     assert sorted(c.data.tags["date.run_name"] for c in children) == ["job-t-round0", "job-t-round1"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert "live_test/pg/acc_at_0.5" in parents[0].data.metrics

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import pgda_runs
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +67,8 @@ def test_pgda_two_rounds_killed_and_resumed(mlflow_server, pw_dataset, tmp_path)
     assert 0 < labels.filter(labels["kept"]).num_rows <= n_target
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    exp = client.get_experiment_by_name("test-pgda")
-    parents = client.search_runs([exp.experiment_id], "tags.`date.stage` = 'pgda'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    parent, children = pgda_runs(mlflow_server, "test-pgda")
+    parents = [parent]
     assert sorted(c.data.tags["date.run_name"] for c in children) == ["pgda-t-round0", "pgda-t-round1"]
     round0 = next(c for c in children if c.data.tags["date.run_name"] == "pgda-t-round0")
     assert round0.data.metrics["pseudo/n_pairs"] == n_target
