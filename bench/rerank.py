@@ -36,7 +36,7 @@ def run_bench(name: str, model: str, data: str, datasets: list[tuple[str, str]],
     import torch
 
     from date_core.data.io import read_table
-    from date_core.indexing import CatalogueIndex, embed_source, model_fingerprint, source_files
+    from date_core.indexing import embed_source, index_from_table, model_fingerprint, source_files
     from date_core.inference import load_seeker
     from date_core.seek import rerank_recall
 
@@ -45,11 +45,7 @@ def run_bench(name: str, model: str, data: str, datasets: list[tuple[str, str]],
     fingerprint = model_fingerprint(model)
     start = time.perf_counter()
     shards = [embed_source(seeker, data, s, fingerprint) for s in source_files(data, datasets)]
-    table = pa.concat_tables(shards)
-    emb = table.column("embedding").combine_chunks().values.to_numpy().reshape(table.num_rows, -1)
-    index = CatalogueIndex(np.ascontiguousarray(emb, np.float32), table.column("image_id").to_pylist(),
-                           table.column("item_id").to_pylist(), table.column("item_ids").to_pylist(),
-                           table.column("source").to_pylist(), table.column("row").to_numpy(), {"data": data})
+    index = index_from_table(pa.concat_tables(shards), {"data": data})
     pairs = pa.concat_tables([read_table(data, d, s, ["query", "item_id"]) for d, s in datasets])
     queries, items = pairs.column("query").to_pylist(), pairs.column("item_id").to_pylist()
     print(f"[rerank] {name}: {len(index)} images, {len(queries)} queries, {candidates} candidates each", flush=True)

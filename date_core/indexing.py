@@ -225,13 +225,17 @@ def load_index(index: str) -> CatalogueIndex:
     fs, base = storage.resolve_filesystem(index)
     tables = [pq.read_table(posixpath.join(base, s["file"]), filesystem=fs) for s in manifest["shards"]]
     table = pa.concat_tables(tables) if tables else index_schema(int(manifest["dim"])).empty_table()
-    image_id = table.column("image_id").to_pylist()
+    return index_from_table(table, manifest)
+
+
+def index_from_table(table: pa.Table, manifest: dict[str, Any]) -> CatalogueIndex:
+    """Shard rows (:func:`index_schema`) -> a :class:`CatalogueIndex`, an image kept once."""
     from .search import unique_rows
 
-    keep = unique_rows(image_id)
-    table = table.take(pa.array(keep))
+    table = table.take(pa.array(unique_rows(table.column("image_id").to_pylist())))
     emb = table.column("embedding").combine_chunks()
-    embeddings = emb.values.to_numpy(zero_copy_only=False).reshape(len(table), int(manifest["dim"]))
+    dim = table.schema.field("embedding").type.list_size
+    embeddings = emb.values.to_numpy(zero_copy_only=False).reshape(len(table), dim)
     return CatalogueIndex(np.ascontiguousarray(embeddings, np.float32), table.column("image_id").to_pylist(),
                           table.column("item_id").to_pylist(), table.column("item_ids").to_pylist(),
                           table.column("source").to_pylist(), table.column("row").to_numpy(), manifest)

@@ -217,14 +217,6 @@ class ApproxIndex:
         return cls(index, kind, effort or DEFAULT_EFFORT[kind])
 
 
-def search(queries, gallery, k: int = 10, *, approx: ApproxIndex | None = None,
-           effort: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search, or ``approx``'s when given. Returns (``[Q, k]`` scores, ``[Q, k]`` rows)."""
-    if approx is not None:
-        return approx.search(queries, k, effort)
-    return exact_search(queries, gallery, k)
-
-
 def unique_rows(keys: Sequence) -> np.ndarray:
     """Indices of the first occurrence of each key, in order of first appearance."""
     seen: dict = {}
