@@ -210,6 +210,8 @@ def test_product1m_missing_images_are_rejected_rows(ray_module, tmp_path):
     table = io.read_table(out, "mall", "train").sort_by("pair_id")
     assert table.column("item_id").to_pylist() == ["雅诗兰黛小棕瓶", "兰蔻粉水"]
     assert table.column("box").to_pylist() == [None, None]
+    # The instance labels of kept rows reach the written Parquet (they used to be dropped).
+    assert table.column("instance_ids").to_pylist() == [["雅诗兰黛小棕瓶"], ["兰蔻粉水"]]
     from date_core.text import load_tokenizer
 
     assert load_tokenizer(Path(out) / "tokenizer").tokenize("兰蔻粉水") == ["兰", "蔻", "粉", "水"]

@@ -148,14 +148,16 @@ class PairsDatasink(Datasink[RunSummary]):
         try:
             for block in blocks:
                 staged = pa.Table.from_batches(block.to_batches()) if not isinstance(block, pa.Table) else block
-                kept, rejected = split_staged(staged)
+                # with_optional: kept rows keep ``instance_ids`` (null where the source has none),
+                # so the files are written with the kept table's schema, not PAIR_SCHEMA.
+                kept, rejected = split_staged(staged, with_optional=True)
                 summary.add_kept(kept)
                 summary.add_rejected(rejected)
                 summary.add_notes(staged.filter(pc.is_null(staged.column("reason"))).column("notes").to_pylist())
                 if kept.num_rows:
                     for (domain, split) in sorted(set(zip(*kept.select(["domain", "split"]).to_pydict().values()))):
                         mask = pc.and_(pc.equal(kept.column("domain"), domain), pc.equal(kept.column("split"), split))
-                        writer((domain, split), PAIR_SCHEMA).write_table(kept.filter(mask), row_group_size=io.ROW_GROUP_ROWS)
+                        writer((domain, split), kept.schema).write_table(kept.filter(mask), row_group_size=io.ROW_GROUP_ROWS)
                 if rejected.num_rows:
                     writer((REJECTED_DIR,), REJECTED_SCHEMA).write_table(rejected, row_group_size=io.ROW_GROUP_ROWS)
         finally:
