@@ -118,14 +118,18 @@ class DateCriterion(nn.Module):
                 pseudo: bool = False) -> dict[str, Tensor]:
         """Unweighted terms. ``pseudo=True`` (a target batch whose boxes are pseudo boxes):
         the box terms come back as ``pseudo_box_*`` and there is no ``confidence`` term."""
-        terms = {"retrieval": info_nce(outputs["image_emb"], outputs["query_emb"], outputs["logit_scale"],
-                                       batch.get(B.ITEM_KEY), gather=self.gather)}
+        terms = {"retrieval": self.retrieval_term(outputs, batch)}
         boxes = self.box_terms(outputs, batch, focus_weight_name="pseudo_box_focus" if pseudo else "box_focus")
         if pseudo:
             boxes.pop("confidence")
             boxes = {f"pseudo_{k}": v for k, v in boxes.items()}
         terms.update(boxes)
         return terms
+
+    def retrieval_term(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """Symmetric InfoNCE of ``image_emb`` against ``query_emb``, same-item pairs positive."""
+        return info_nce(outputs["image_emb"], outputs["query_emb"], outputs["logit_scale"],
+                        batch.get(B.ITEM_KEY), gather=self.gather)
 
     def box_terms(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
                   focus_weight_name: str = "box_focus") -> dict[str, Tensor]:
@@ -178,6 +182,17 @@ class DateCriterion(nn.Module):
             if self.weights[name] != 0.0:
                 total = total + self.weights[name] * value
         return total
+
+
+class ContrastiveCriterion(DateCriterion):
+    """The retrieval term alone, for models without a grounding head (the plain dual encoder,
+    :mod:`date_core.model.dual`); ``engine.train_step`` trains with it unchanged."""
+
+    def forward(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
+                pseudo: bool = False) -> dict[str, Tensor]:
+        if pseudo:
+            raise ValueError("a contrastive-only model has no boxes to self-train")
+        return {"retrieval": self.retrieval_term(outputs, batch)}
 
 
 def focus_targets(boxes_cxcywh: Tensor, n_patches: int) -> Tensor:

@@ -33,6 +33,11 @@ class RetrievalSeeker(nn.Module):
     def embed_image(self, tokens: Tensor) -> Tensor:
         return F.normalize(self.image_head(tokens.mean(dim=1)).float(), dim=-1)
 
+    def embed_image_tokens(self, tokens: Tensor) -> Tensor:
+        """``[B, K, d]`` -> ``[B, K, D]`` L2-normalised: each concentrated token through the
+        image head on its own (instance-level retrieval reads them as product slots)."""
+        return F.normalize(self.image_head(tokens).float(), dim=-1)
+
     def embed_query(self, tokens: Tensor) -> Tensor:
         return F.normalize(self.query_head(tokens.mean(dim=1)).float(), dim=-1)
 

@@ -1,0 +1,178 @@
+"""Instance-level retrieval (Product1M's task) with DATE's extractors.
+
+A *query* is a multi-product image with its caption; the *gallery* holds single-product
+images; a gallery item is relevant when its product is one of the query's ``instance_ids``
+(:mod:`date_core.metrics_instance` scores the rankings). Both sides go through the model's own
+extractors, nothing is trained here:
+
+- caption -> gallery image: ``encode_text(caption)["emb"] . encode_image(item)["emb"]``, DATE's
+  retrieval direction (a caption names some of the products);
+- query image -> gallery image: either the pooled image embedding (``image_pool="mean"``), or,
+  for a :class:`~date_core.model.DateModel`, each of its K concentrated semantic tokens through
+  the image head (``"tokens"``), scored by the best-matching token: a multi-product image's mean
+  blends its products, while a token that concentrates on one product can match that product's
+  gallery photo on its own.
+
+``score = text_weight * caption_sim + (1 - text_weight) * image_sim``; ``text_weight`` is chosen
+on a validation split (:func:`choose_text_weight`), never on the test split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor, nn
+
+from . import batch as B
+from .metrics_instance import instance_retrieval_metrics
+
+IMAGE_POOLS = ("mean", "tokens")
+#: ``text_weight`` values tried on the validation split.
+TEXT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class QueryFeatures:
+    """Encoded queries: ``text [Q, D]``, ``image [Q, D]`` and, from a DATE model,
+    ``tokens [Q, K, D]`` (each semantic token through the image head); all L2-normalised."""
+
+    text: Tensor
+    image: Tensor
+    tokens: Tensor | None = None
+
+
+def _token_embeddings(model: nn.Module, enc: Mapping[str, Any]) -> Tensor | None:
+    retrieval = getattr(model, "retrieval", None)
+    if retrieval is None or "tokens" not in enc:
+        return None
+    return retrieval.embed_image_tokens(enc["tokens"])
+
+
+@torch.no_grad()
+def encode_gallery(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: str | torch.device = "cpu") -> Tensor:
+    """Single-product image batches (``pixel_values``) -> gallery embeddings ``[G, D]`` (float32, CPU)."""
+    model.eval()
+    out = [model.encode_image(torch.as_tensor(b[B.PIXEL_VALUES]).to(device))["emb"].float().cpu() for b in batches]
+    if not out:
+        raise ValueError("the gallery is empty")
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_queries(model: nn.Module, batches: Iterable[Mapping[str, Any]],
+                   device: str | torch.device = "cpu") -> QueryFeatures:
+    """Query batches (``pixel_values``, ``input_ids``, ``attention_mask``) -> :class:`QueryFeatures`."""
+    model.eval()
+    text, image, tokens = [], [], []
+    for b in batches:
+        img = model.encode_image(torch.as_tensor(b[B.PIXEL_VALUES]).to(device))
+        txt = model.encode_text(torch.as_tensor(b[B.INPUT_IDS]).to(device),
+                                torch.as_tensor(b[B.ATTENTION_MASK]).to(device))
+        text.append(txt["emb"].float().cpu())
+        image.append(img["emb"].float().cpu())
+        tok = _token_embeddings(model, img)
+        if tok is not None:
+            tokens.append(tok.float().cpu())
+    if not text:
+        raise ValueError("there are no queries")
+    return QueryFeatures(torch.cat(text), torch.cat(image), torch.cat(tokens) if tokens else None)
+
+
+def instance_scores(queries: QueryFeatures, gallery: Tensor, text_weight: float, image_pool: str = "mean",
+                    chunk: int = 1024) -> Tensor:
+    """``[Q, G]`` scores (see the module docstring), computed ``chunk`` queries at a time."""
+    if image_pool not in IMAGE_POOLS:
+        raise ValueError(f"image_pool must be one of {IMAGE_POOLS}, got {image_pool!r}")
+    if not 0.0 <= text_weight <= 1.0:
+        raise ValueError(f"text_weight must be in [0, 1], got {text_weight}")
+    if image_pool == "tokens" and queries.tokens is None:
+        raise ValueError("image_pool='tokens' needs a model with semantic tokens (a DateModel)")
+    rows = []
+    for s in range(0, queries.text.shape[0], chunk):
+        score = text_weight * (queries.text[s:s + chunk] @ gallery.t())
+        if text_weight < 1.0:
+            if image_pool == "mean":
+                image = queries.image[s:s + chunk] @ gallery.t()
+            else:  # [q, K, D] x [G, D] -> [q, K, G] -> best token per gallery item
+                image = torch.einsum("qkd,gd->qkg", queries.tokens[s:s + chunk], gallery).amax(dim=1)
+            score = score + (1.0 - text_weight) * image
+        rows.append(score)
+    return torch.cat(rows)
+
+
+def rank(scores: Tensor, k: int = 100) -> Tensor:
+    """``scores [Q, G]`` -> ``[Q, min(k, G)]`` gallery indices, best first."""
+    return scores.topk(min(k, scores.shape[1]), dim=1).indices
+
+
+def random_ranking(n_queries: int, n_gallery: int, k: int = 100, seed: int = 0) -> Tensor:
+    """A uniformly random ranking ``[Q, min(k, G)]``: the floor every metric is read against."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n_gallery, generator=g)[:k] for _ in range(n_queries)])
+
+
+def evaluate(queries: QueryFeatures, gallery: Tensor, query_labels: Sequence[Sequence[str]],
+             gallery_labels: Sequence[str], text_weight: float, image_pool: str = "mean") -> dict[str, float]:
+    """Product1M's metrics (official and textbook) of one scoring rule."""
+    ranked = rank(instance_scores(queries, gallery, text_weight, image_pool))
+    return instance_retrieval_metrics(ranked, query_labels, gallery_labels)
+
+
+def choose_text_weight(queries: QueryFeatures, gallery: Tensor, query_labels: Sequence[Sequence[str]],
+                       gallery_labels: Sequence[str], image_pool: str = "mean",
+                       weights: Sequence[float] = TEXT_WEIGHTS, metric: str = "inst/textbook/mAP@10"
+                       ) -> tuple[float, dict[float, float]]:
+    """The ``text_weight`` with the best ``metric`` on a validation split -> (weight, {weight: metric})."""
+    scores = {float(w): evaluate(queries, gallery, query_labels, gallery_labels, w, image_pool)[metric]
+              for w in weights}
+    return max(scores, key=lambda w: (scores[w], -abs(w - 0.5))), scores
+
+
+# ----------------------------------------------------------------------------- data
+def read_split(root: str, domain: str, split: str) -> pa.Table:
+    """``ROOT/<domain>/<split>`` as one Arrow table (the contract columns and ``instance_ids``)."""
+    import pyarrow.parquet as pq
+
+    from .data import io, storage
+
+    uri = io.pairs_uri(root, domain, split)
+    files = io.parquet_files(uri)
+    if not files:
+        from .data.schema import DataError
+        raise DataError(uri, "no Parquet files found")
+    fs, _ = storage.resolve_filesystem(uri)
+    return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files], promote_options="default")
+
+
+def labels(table: pa.Table, gallery: bool = False) -> list:
+    """A query table's instance label lists, or a gallery table's labels (the first instance id,
+    as Product1M's official script takes it; ``item_id`` where ``instance_ids`` is null)."""
+    items = table.column("item_id").to_pylist()
+    inst = table.column("instance_ids").to_pylist() if "instance_ids" in table.column_names else [None] * len(items)
+    if gallery:
+        return [ids[0] if ids else item for ids, item in zip(inst, items)]
+    return [list(ids) if ids else [item] for ids, item in zip(inst, items)]
+
+
+def model_batches(table: pa.Table, tokenizer: Any, image_size: int, max_text_len: int,
+                  batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """Contract rows -> evaluation model batches (no augmentation), through the data layer's
+    :class:`~date_core.data.transforms.BatchTransform`, the transform every run uses."""
+    from .data.transforms import BatchTransform
+
+    transform = BatchTransform(tokenizer, image_size, max_text_len, train=False)
+    for s in range(0, table.num_rows, batch_size):
+        part = table.slice(s, batch_size)
+        yield transform({name: _objects(part.column(name).to_pylist()) for name in part.column_names
+                         if name != "instance_ids"})
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-D object array of ``values`` (``np.array`` would make boxes a 2-D array)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
