@@ -109,7 +109,8 @@ SCHEMA = Section({
     "model": Section({
         "preset": Key(str, "lite | tiny | small | base | path to a preset YAML"),
         "overrides": Section(_model_fields, "any preset field, e.g. {hidden_size: 192}", partial=True),
-        "init_from": Key(Optional[str], "local checkpoint folder to start from"),
+        "init_from": Key(Optional[str], "null (default) = off; else a checkpoint folder or models:/NAME/VERSION "
+                                        "whose weights start training (e.g. pipelines/pretrain.py's)"),
     }),
     "loss": Section({name: Key(float, "weight of the loss term (0 disables it)") for name in (
         "retrieval", "box_l1", "box_giou", "confidence", "box_focus", "pseudo_box_l1", "pseudo_box_giou",
@@ -170,6 +171,17 @@ SCHEMA = Section({
         "label_last_round": Key(bool, "also pseudo-label after the last round"),
         "round_train": Section(_TRAIN, "train settings of rounds 2.. (override train)", partial=True),
     }),
+    "pretrain": Section({
+        "domains": Key(list[str], "domains whose image-caption pairs pretrain"),
+        "splits": Key(list[str], "splits whose image-caption pairs pretrain"),
+        "loss": Section({name: Key(float, "weight of the pretraining term (0 disables it)")
+                         for name in ("mlm", "mpm", "itc")}, "weights of the pretraining loss terms"),
+        "mlm_prob": Key(float, "share of the caption's non-special tokens masked"),
+        "mpm_ratio": Key(float, "share of the image's patch cells blanked"),
+        "fusion_layers": Key(int, "cross-attention blocks of each pretraining head"),
+        "train": Section(_TRAIN, "train settings of pretraining (override train)", partial=True),
+        "registered_model": Key(str, "MLflow registered model of the pretrained weights"),
+    }, "pipelines/pretrain.py: CAPTURE-style cross-modal pretraining"),
     "promote": Section({
         "metric": Key(str, "primary metric the challenger must win (e.g. pg/acc@0.5, higher is better)"),
         "margin": Key(float, "by at least this much"),
