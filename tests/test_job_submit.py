@@ -129,6 +129,14 @@ RAY_INTERNALS = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WA
                            r"|core_worker\.cc|\(raylet\)|DeprecationWarning|Traceback")
 
 
+def _tracebacks(logs: str, context: int = 40) -> str:
+    """Each traceback in ``logs`` with the lines that follow it (the exception itself), so a
+    failing CI run says what raised, not only that something did."""
+    lines = logs.splitlines()
+    starts = [i for i, line in enumerate(lines) if "Traceback" in line]
+    return "\n----\n".join("\n".join(lines[i:i + context]) for i in starts)
+
+
 def test_ray_job_submit_pgda(ray_head, s3_endpoint, mlflow_server, pw_dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -157,7 +165,7 @@ def test_ray_job_submit_pgda(ray_head, s3_endpoint, mlflow_server, pw_dataset, t
     assert "PG-DA results on live_test" in logs and "| round | trained on |" in logs
     noise = [line for line in logs.splitlines() if RAY_INTERNALS.search(line)]
     assert len(noise) <= 12 and not any("Traceback" in line for line in noise), \
-        "Ray internals in the job's log:\n" + "\n".join(noise[:40])
+        "Ray internals in the job's log:\n" + "\n".join(noise[:40]) + "\n\n" + _tracebacks(logs)
     # no line-long dumps (Ray Train logged every report's whole metrics dict at INFO)
     assert "Reporting training result" not in logs
     assert max(len(line) for line in logs.splitlines() if not line.startswith("Running entrypoint")) < 600
