@@ -19,6 +19,13 @@ Examples:
   python pipelines/prepare.py manifest pairs.jsonl --out s3://bucket/shop
   python pipelines/prepare.py voc /data/freiburg_groceries_voc --domain mall --out runs/data/groceries
   python pipelines/prepare.py product1m product1m_train_ossurl_v2.txt --images /data/p1m --out runs/data/p1m
+  python pipelines/prepare.py synth --instance --queries 1200 --seed 0 --out runs/data/pw-instance
+  python pipelines/prepare.py voc /data/freiburg_groceries_voc --instance --queries 1000 --out runs/data/groceries-instance
+
+Instance mode (--instance of synth and voc; Product1M-like instance-level retrieval) writes
+  OUT/multi/{train,val,test}/      multi-product query images, a caption each, instance_ids
+  OUT/single/gallery/              the single-product retrieval gallery (instance_ids = [item])
+  OUT/single/train/                (synth) single-product image + title pairs of train items
 
 Ray: a local Ray with --num-cpus (default: all cores), or the cluster at RAY_ADDRESS
 (`ray job submit -- python pipelines/prepare.py ...`).
@@ -76,8 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "indices -> map_batches -> Parquet). Deterministic per seed.\n\n"
                                    + PAPER_SCALE_NOTE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mall", type=_positive_int, required=True, help="number of mall (catalogue) images")
-    p.add_argument("--live", type=_positive_int, required=True, help="number of live (stream frame) images")
+    p.add_argument("--mall", type=_positive_int, help="number of mall (catalogue) images (required without --instance)")
+    p.add_argument("--live", type=_positive_int, help="number of live (stream frame) images (required without --instance)")
+    p.add_argument("--instance", action="store_true",
+                   help="instance mode (Product1M-like): multi-product query images with marketing captions "
+                        "and instance_ids -> OUT/multi/{train,val,test}, a single-product gallery -> "
+                        "OUT/single/gallery, single-product title pairs of train items -> OUT/single/train")
+    p.add_argument("--queries", type=_positive_int, default=1200,
+                   help="instance mode: number of multi-product query images (default: %(default)s)")
+    p.add_argument("--items", type=int, default=None,
+                   help="instance mode: catalogue items the queries draw from (default: --queries clipped "
+                        "to [8, 1200], so each item is in ~3 queries)")
+    p.add_argument("--distractors", type=_positive_int, default=None,
+                   help="instance mode: gallery items no query shows (default: half of --items)")
+    p.add_argument("--single-per-item", type=_positive_int, default=1,
+                   help="instance mode: single/train images per item of the train queries (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
     p.add_argument("--world-config", metavar="FILE.yaml",
                    help="ProductWorld knobs per domain (see date_core/data/productworld/config.py)")
@@ -98,9 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JPEGImages/. Query: a phrase from the class name ('a pack of coffee'); "
                                    "box: the class's largest box, alt_boxes: its others; item_id: the class.")
     p.add_argument("root", metavar="DIR", help="the VOC dataset folder, local or s3://")
-    p.add_argument("--domain", required=True, help="domain of every pair (e.g. mall or live)")
+    p.add_argument("--domain", help="domain of every pair (e.g. mall or live; required without --instance)")
     p.add_argument("--query-template", metavar="TEXT",
                    help="query for class {name}, e.g. 'a photo of {name}' (default: built-in phrases)")
+    p.add_argument("--instance", action="store_true",
+                   help="instance mode: product crops (VOC boxes) of several photos composed into multi-product "
+                        "query images -> OUT/multi/{train,val,test} (instance_ids = the classes shown), held-out "
+                        "single-product photos -> OUT/single/gallery")
+    p.add_argument("--queries", type=_positive_int, default=1000,
+                   help="instance mode: number of composed query images (default: %(default)s)")
+    p.add_argument("--gallery-per-class", type=_positive_int, default=10,
+                   help="instance mode: photos per class held out as the gallery, never cropped into a query "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="instance mode: composition seed (default: %(default)s)")
     _add_common(p)
 
     p = sub.add_parser("product1m", help="Product1M text files with images already on disk",
@@ -116,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe(args: argparse.Namespace) -> str:
     """One paragraph: what this run will do."""
-    if args.command == "synth":
+    if args.command == "synth" and args.instance:
+        what = (f"generate ProductWorld's instance mode: {args.queries} multi-product queries, their "
+                f"single-product gallery and train images, seed {args.seed}")
+    elif args.command == "voc" and args.instance:
+        what = (f"compose {args.queries} multi-product queries from the VOC crops at {args.root}, "
+                f"{args.gallery_per_class} gallery photos per class, seed {args.seed}")
+    elif args.command == "synth":
         what = (f"generate ProductWorld: {args.mall} mall + {args.live} live images, seed {args.seed}, "
                 f"{args.images_per_task} images per Ray task")
     elif args.command == "manifest":
@@ -155,12 +191,28 @@ def run(args: argparse.Namespace) -> dict:
             config = ProductWorldConfig.from_dict(load_yaml(args.world_config))
         from date_core.runtime import dataio
 
+        if args.instance:
+            return dataio.prepare_productworld_instance(
+                args.out, args.queries, args.seed, items=args.items, distractors=args.distractors,
+                single_per_item=args.single_per_item, config=config, images_per_block=args.images_per_task,
+                overwrite=args.overwrite, **common)
         return dataio.prepare_synth(args.out, args.mall, args.live, args.seed, config=config,
                                     images_per_block=args.images_per_task, overwrite=args.overwrite, **common)
     if args.command == "manifest":
         from date_core.data.manifest import iter_manifest
 
         items = iter_manifest(args.manifest)
+    elif args.command == "voc" and args.instance:
+        from date_core.data.voc_instance import plan_voc_instances, render_voc_instance_rows
+        from date_core.runtime import dataio
+
+        plan = plan_voc_instances(args.root, args.queries, args.seed, fractions=fractions,
+                                  gallery_per_class=args.gallery_per_class)
+        meta = {**common.pop("meta"), "mode": "voc-instance", "seed": args.seed, "instance": plan.counts(),
+                "split_fractions": dict(fractions)}
+        common.pop("fractions")
+        return dataio.prepare_rendered(args.out, plan.total, render_voc_instance_rows, {"plan": plan},
+                                       overwrite=args.overwrite, meta=meta, **common)
     elif args.command == "voc":
         from date_core.data.voc import iter_voc
 
@@ -181,6 +233,10 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "synth" and not args.instance and (args.mall is None or args.live is None):
+        parser.error("synth: --mall and --live are required (or --instance)")
+    if args.command == "voc" and not args.instance and not args.domain:
+        parser.error("voc: --domain is required (or --instance)")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     print(describe(args), flush=True)
     from date_core.data.schema import DataError

@@ -72,6 +72,11 @@ REJECTED_SCHEMA = pa.schema([
 ])
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: The split of an instance-level retrieval gallery (single-product images a multi-product
+#: query retrieves, ``OUT/<domain>/gallery/``): a row may name it; it is never hash-assigned.
+GALLERY_SPLIT = "gallery"
+#: Every split name a row may carry.
+ROW_SPLITS: tuple[str, ...] = SPLITS + (GALLERY_SPLIT,)
 REJECTED_DIR = "rejected"
 SUMMARY_FILE = "_summary.json"
 TOKENIZER_DIR = "tokenizer"

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import SPLITS
+from .schema import ROW_SPLITS
 
 # Reason codes (stable: they are column values in rejected/ and keys in _summary.json).
 INVALID_UTF8 = "invalid_utf8"          # a manifest line that is not UTF-8
@@ -21,7 +21,7 @@ BAD_BOX = "bad_box"                    # not 4 finite numbers
 DEGENERATE_BOX = "degenerate_box"      # x2 <= x1 or y2 <= y1
 BOX_OUTSIDE_IMAGE = "box_outside_image"
 EMPTY_QUERY = "empty_query"            # empty or whitespace-only
-BAD_SPLIT = "bad_split"                # a split name other than train/val/test
+BAD_SPLIT = "bad_split"                # a split name other than train/val/test/gallery
 SPLIT_CONFLICT = "split_conflict"      # an image given two different splits
 DUPLICATE_PAIR_ID = "duplicate_pair_id"
 MISSING_IMAGE = "missing_image"        # no file at the path/URI
@@ -132,13 +132,14 @@ def check_instance_ids(value: Any) -> list[str] | None:
 
 
 def check_split(value: Any) -> str | None:
-    """A split name from train/val/test, or None when not given."""
+    """A split name from train/val/test (or ``gallery``, see :data:`~.schema.GALLERY_SPLIT`),
+    or None when not given."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise Rejection(BAD_TYPE, f"split must be a string, got {type(value).__name__}")
-    if value not in SPLITS:
-        raise Rejection(BAD_SPLIT, f"split {value!r} is not one of {', '.join(SPLITS)}")
+    if value not in ROW_SPLITS:
+        raise Rejection(BAD_SPLIT, f"split {value!r} is not one of {', '.join(ROW_SPLITS)}")
     return value
 
 

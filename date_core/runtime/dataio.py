@@ -233,6 +233,66 @@ def run_synth(out: str, counts: Sequence[tuple[str, int]], seed: int, *,
     return sink.summary
 
 
+def render_batch(batch: Mapping[str, np.ndarray], render: Any, kwargs: Mapping[str, Any]) -> pa.Table:
+    """Rows ``batch["id"]`` of a planned dataset -> staged rows: ``render(indices, **kwargs)``
+    returns one record (with its ``split``) per index; they are validated like any source."""
+    rows = render([int(i) for i in np.asarray(batch["id"], dtype=np.int64)], **kwargs)
+    return ingest_batch(records_table(rows), io_threads=4)
+
+
+def run_render(out: str, total: int, render: Any, kwargs: Mapping[str, Any], *, images_per_block: int = 32,
+               shard_mb: float = DEFAULT_SHARD_MB) -> RunSummary:
+    """Generate the ``total`` rows of a planned dataset in parallel, as :func:`run_synth` does
+    (``ray.data.range`` -> ``map_batches(render + validation)`` -> :class:`PairsDatasink`).
+
+    ``render``: a module-level function ``(indices, **kwargs) -> records``, a pure function of
+    its arguments (the instance modes: ProductWorld's and the VOC compositor's)."""
+    if total == 0:
+        return RunSummary()
+    ds = ray.data.range(total, override_num_blocks=max(1, math.ceil(total / images_per_block)))
+    staged = ds.map_batches(render_batch, batch_size=images_per_block, batch_format="numpy",
+                            fn_kwargs={"render": render, "kwargs": dict(kwargs)})
+    sink = PairsDatasink(out, shard_mb)
+    staged.write_datasink(sink)
+    return sink.summary
+
+
+def prepare_rendered(out: str, total: int, render: Any, kwargs: Mapping[str, Any], *,
+                     tokenizer: str | None = None, vocab_size: int = 8000, shard_mb: float = DEFAULT_SHARD_MB,
+                     images_per_block: int = 32, overwrite: bool = False, meta: Mapping[str, Any] | None = None,
+                     num_cpus: int | None = None) -> dict[str, Any]:
+    """A whole prepare run of a planned dataset (:func:`run_render`): every row accounted for,
+    every written dataset's schema checked against the contract, tokenizer, ``_summary.json``."""
+    prepare_output(out, overwrite)
+    ensure_ray(num_cpus)
+    summary = run_render(out, total, render, kwargs, images_per_block=images_per_block, shard_mb=shard_mb)
+    _check_accounting(summary, total, out)
+    for domain, split in sorted(summary.kept):
+        uri = io.pairs_uri(out, domain, split)
+        fs, _ = storage.resolve_filesystem(uri)
+        for path in io.parquet_files(uri):
+            check_pair_schema(pq.read_schema(path, filesystem=fs), path)
+    return _finish(out, summary, tokenizer=tokenizer, vocab_size=vocab_size, meta=meta or {})
+
+
+def prepare_productworld_instance(out: str, queries: int, seed: int, *, items: int | None = None,
+                                  distractors: int | None = None, single_per_item: int = 1,
+                                  fractions: Mapping[str, float] = DEFAULT_FRACTIONS, config: Any = None,
+                                  meta: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """A whole ``prepare synth --instance`` run: ProductWorld's instance mode
+    (:mod:`date_core.data.productworld.instance`) -> ``OUT/multi/{train,val,test}``,
+    ``OUT/single/{gallery,train}``. ``kwargs``: those of :func:`prepare_rendered`."""
+    from date_core.data.productworld.instance import instance_styles, plan_instances, render_instance_rows
+
+    instance_styles(config)  # a bad multi / single style fails before anything is written
+    plan = plan_instances(queries, seed, items=items, distractors=distractors,
+                          single_per_item=single_per_item, fractions=fractions)
+    meta = {**(meta or {}), "mode": "productworld-instance", "seed": seed, "queries": queries,
+            "instance": plan.counts(), "split_fractions": dict(fractions)}
+    return prepare_rendered(out, plan.total, render_instance_rows, {"plan": plan, "config": config},
+                            meta=meta, **kwargs)
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Start Ray if this process has not: the cluster at ``RAY_ADDRESS`` when set (``ray job
     submit`` sets it; ``RAY_ADDRESS=auto`` joins a ``ray start`` cluster on this machine), else

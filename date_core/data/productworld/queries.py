@@ -88,3 +88,16 @@ def write_query(rng: np.random.Generator, target: Item, mentioned: set[str], sty
     elif on_table and rng.random() < 0.25:
         core = _TABLE[int(rng.integers(len(_TABLE)))].format(t=core)
     return _TALK[int(rng.integers(len(_TALK)))].format(d=core)
+
+
+def product_phrase(rng: np.random.Generator, item: Item, brand_p: float = 0.35) -> str:
+    """A loose marketing mention of ``item`` by its title words: always its colour and a
+    category word (so a reader can tell which product is meant), sometimes its brand, pattern
+    and finish ("Lumo red striped mug", "glossy blue cup")."""
+    cat = _pick(rng, CATEGORY_WORDS[item.category], 0.6)
+    pattern = ""
+    if rng.random() < (0.2 if item.pattern == "plain" else 0.6):
+        pattern = _pick(rng, PATTERN_WORDS[item.pattern][0], 0.6)
+    finish = _pick(rng, FINISH_WORDS[item.finish], 0.6) if rng.random() < 0.3 else ""
+    brand = item.brand if rng.random() < brand_p else ""
+    return " ".join(w for w in (brand, finish, item.colour, pattern, cat) if w)

@@ -160,13 +160,11 @@ def _paste_products(img: Image.Image, products: list[Product], shadow: bool,
     return products
 
 
-def render_scene(domain: str, index: int, seed: int,
-                 config: ProductWorldConfig | None = None) -> Scene:
-    """Render image ``index`` of ``domain`` and write its 1-2 query rows."""
-    cfg = config or _DEFAULT_CONFIG
-    style = cfg.style(domain)
-    rng = scene_rng(seed, domain, index)
-    items = sample_items(rng, _n_products(rng, style), style)
+def compose_image(rng: np.random.Generator, items: Sequence[Item],
+                  style: DomainStyle) -> tuple[bytes, list[Product]]:
+    """Draw ``items`` (in this order; the first gets ``style.target_scale_factor``) into one
+    image of ``style``: background, presenter, layout, products, overlay, camera artefacts ->
+    (JPEG bytes, the products with their drawn boxes, in the order of ``items``)."""
     skin, table_y, hands = None, None, None
     if style.background == "room":
         img, table_y = room_background(rng, style)
@@ -175,12 +173,22 @@ def render_scene(domain: str, index: int, seed: int,
     if style.presenter:
         hx, hy, skin = draw_presenter(img, rng, table_y if table_y is not None else style.height)
         hands = (hx, hy)
-    products = _paste_products(img, _layout(rng, items, style, table_y, hands), style.shadow, skin)
+    products = _paste_products(img, _layout(rng, list(items), style, table_y, hands), style.shadow, skin)
     if style.overlay:
         draw_overlay(img, rng)
     img = degrade(img, rng, style)
     quality = int(rng.integers(style.jpeg_quality[0], style.jpeg_quality[1] + 1))
-    data = encode_jpeg(img, quality)
+    return encode_jpeg(img, quality), products
+
+
+def render_scene(domain: str, index: int, seed: int,
+                 config: ProductWorldConfig | None = None) -> Scene:
+    """Render image ``index`` of ``domain`` and write its 1-2 query rows."""
+    cfg = config or _DEFAULT_CONFIG
+    style = cfg.style(domain)
+    rng = scene_rng(seed, domain, index)
+    items = sample_items(rng, _n_products(rng, style), style)
+    data, products = compose_image(rng, items, style)
 
     image_id = f"{domain}-{seed}-{index}"
     scene = Scene(domain, image_id, style.width, style.height, products)
