@@ -58,6 +58,7 @@ def test_query_and_split_checks():
             V.check_query(bad)
         assert exc.value.reason == reason
     assert V.check_split(None) is None and V.check_split("val") == "val"
+    assert V.check_split("gallery") == "gallery"  # an instance-retrieval gallery (never hash-assigned)
     with pytest.raises(V.Rejection) as exc:
         V.check_split("training")
     assert exc.value.reason == V.BAD_SPLIT

@@ -78,3 +78,19 @@ def test_existing_output_is_not_mixed_into(tmp_path):
     _one_line_error(run("manifest", str(tmp_path / "m.jsonl"), "--out", str(out)),
                     str(out), "--overwrite")
     assert (out / "mall" / "train" / "part-0.parquet").read_bytes() == b"old"
+
+
+def test_instance_mode_options_and_structural_errors(tmp_path):
+    res = run("synth", "--out", str(tmp_path / "o0"))
+    assert res.returncode == 2 and "--mall and --live are required (or --instance)" in res.stderr
+    res = run("voc", str(tmp_path), "--out", str(tmp_path / "o0"))
+    assert res.returncode == 2 and "--domain is required (or --instance)" in res.stderr
+    for sub, opts in (("synth", ("--instance", "--queries", "--items", "--distractors", "--single-per-item")),
+                      ("voc", ("--instance", "--queries", "--gallery-per-class", "--seed"))):
+        res = run(sub, "--help")
+        assert res.returncode == 0 and all(o in res.stdout for o in opts), sub
+    _one_line_error(run("synth", "--instance", "--queries", "10", "--items", "2", "--out", str(tmp_path / "o1")),
+                    "items (the query pool) must be in [4, 1800]")
+    _one_line_error(run("voc", str(tmp_path), "--instance", "--out", str(tmp_path / "o2")),
+                    str(tmp_path), "not a Pascal VOC dataset")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
