@@ -112,7 +112,8 @@ def write_pairs(ds: Dataset, out: str, domain: str, split: str, *, shard_mb: flo
 
 class PairsDatasink(Datasink[RunSummary]):
     """Writes staged rows (see :func:`date_core.data.ingest.ingest_batch`): kept rows to
-    ``OUT/<domain>/<split>/part-*.parquet``, rejected rows to ``OUT/rejected/``.
+    ``OUT/<domain>/<split>/part-*.parquet`` (the contract columns, then ``instance_ids``: null
+    where the source has none), rejected rows to ``OUT/rejected/``.
 
     Ray hands each write task about ``shard_mb`` MB of rows (``min_bytes_per_write``), so each
     task writes one file per (domain, split) it sees: small data gives one file per split.
