@@ -92,6 +92,37 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> DateMo
     return model.to(device).eval()
 
 
+def load_weights_into(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Copy the weights of the checkpoint ``folder`` into ``model`` (built from the run's own
+    config), e.g. pretrained weights that start a training run (``model.init_from``).
+
+    Every parameter and buffer must match by name and shape: a missing folder raises
+    ``FileNotFoundError``, any other architecture (preset, width, vocabulary) a ``ValueError``
+    naming the first differences. Returns ``model``.
+    """
+    read_checkpoint_config(folder)
+    weights = Path(folder) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
+    state = load_file(str(weights))
+    target = unwrap(model).state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = sorted(k for k in set(target) & set(state) if tuple(target[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. " + ", ".join(
+                f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in shapes[:3]) + ")")
+        raise ValueError(f"checkpoint {folder} does not fit the configured model (model.preset + overrides): "
+                         + "; ".join(parts))
+    unwrap(model).load_state_dict(state, strict=True)
+    return model
+
+
 @dataclass
 class Grounding:
     """Boxes ``[B, 4]`` (x1, y1, x2, y2 in each ORIGINAL image's pixels) and confidence ``[B]``

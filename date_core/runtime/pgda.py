@@ -123,7 +123,7 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
         stage = run_stage(
             _round_cfg(cfg, r), f"{name}-round{r}", stage="pgda-round", experiment_id=experiment_id,
             parent_run_id=parent_id, target=target_with_pseudo(cfg, labels), align=align,
-            init_from=prev["model"] if prev else cfg["model"].get("init_from"), register=False,
+            init_from=prev["model"] if prev else None, register=False,  # round 1: model.init_from, if set
             out_dir=work / f"round-{r}",
         )
         model_uri = storage.join(base, f"round-{r}", "model")

@@ -15,7 +15,8 @@ import yaml
 from date_core.evaluation import evaluate_split, samples_in_pixels
 from date_core.report import prediction_grid, recall_plot
 from date_core.runtime import session, tracking
-from date_core.runtime.trainer import build_trainer, checkpoint_model_dir, checkpoint_step as metrics_step, make_datasets
+from date_core.runtime.trainer import (build_trainer, checkpoint_model_dir, checkpoint_step as metrics_step, init_model,
+                                      make_datasets)
 
 
 @dataclass
@@ -45,11 +46,22 @@ def run_stage(cfg: Mapping[str, Any], name: str, *, stage: str = "train", experi
 
     tok = session.tokenizer_dir(cfg)
     vocab = session.vocab_size(tok)
+    # model.init_from (e.g. pretrained weights) starts a stage that does not continue another
+    # model; checked here, before Ray Train starts, and logged as the run's init_from.* params
+    init_weights = None if init_from else cfg["model"].get("init_from")
+    if init_weights:
+        try:
+            tracking.log_init_source(run_id, init_weights, uri)
+            init_model(cfg, vocab, init_weights, uri)
+        except Exception:
+            tracking.end_run(run_id, "FAILED", uri)
+            raise
+        print(f"[{stage}] initial weights from model.init_from={init_weights}", flush=True)
     model_cfg = resolve_model_config(cfg["model"]["preset"], **(cfg["model"].get("overrides") or {})).to_dict()
     datasets, counts = make_datasets(cfg, model_cfg, tok, target=target)
     print(f"[{stage}] rows: " + ", ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
     loop_cfg = {"cfg": dict(cfg), "tokenizer": tok, "vocab_size": vocab, "counts": counts,
-                "mlflow": {"uri": uri, "run_id": run_id}, "init_from": init_from, "align": align,
+                "mlflow": {"uri": uri, "run_id": run_id}, "init_from": init_from, "init_weights": init_weights, "align": align,
                 "tag": f"{cfg['data']['source_domain']}_{cfg['data']['val_split']}"}
     try:
         result = build_trainer(cfg, name, datasets, loop_cfg).fit()

@@ -161,17 +161,24 @@ def log_and_register(run_id: str, checkpoint_dir: str | Path, registered_model: 
     return str(version.version)
 
 
-def download_checkpoint(model_uri: str, dst: str | Path | None = None) -> Path:
+def is_mlflow_uri(model_uri: str) -> bool:
+    """True for ``models:/``, ``runs:/`` and ``mlflow-artifacts:/`` URIs."""
+    return str(model_uri).startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+
+
+def download_checkpoint(model_uri: str, dst: str | Path | None = None, uri: str | None = None) -> Path:
     """A local seeker checkpoint folder from an MLflow URI (``models:/name@alias``,
-    ``models:/name/3``, ``runs:/<id>/model``) or a local folder (returned as is)."""
+    ``models:/name/3``, ``runs:/<id>/model``; tracking server ``uri``, default
+    :func:`tracking_uri`) or a local folder (returned as is)."""
     if not model_uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) and "://" not in model_uri \
             or model_uri.startswith("file://"):
         path = Path(model_uri.removeprefix("file://"))
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a seeker checkpoint folder (no config.json)")
         return path
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(tracking_uri())
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     dst = Path(dst or tempfile.mkdtemp(prefix="date-model-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     for candidate in (local / "artifacts" / Path(str(CHECKPOINT_KEY)), *local.rglob("config.json")):
@@ -183,11 +190,52 @@ def download_checkpoint(model_uri: str, dst: str | Path | None = None) -> Path:
 
 
 @contextmanager
-def local_checkpoint(model_uri: str) -> Iterator[Path]:
+def local_checkpoint(model_uri: str, uri: str | None = None) -> Iterator[Path]:
     """:func:`download_checkpoint` into a temporary folder that is removed afterwards (a local
     checkpoint folder is used in place)."""
     with tempfile.TemporaryDirectory(prefix="date-model-") as tmp:
-        yield download_checkpoint(model_uri, tmp)
+        yield download_checkpoint(model_uri, tmp, uri)
+
+
+@contextmanager
+def init_checkpoint(source: str, uri: str | None = None) -> Iterator[Path]:
+    """The local folder of a ``model.init_from`` source: a checkpoint folder (local or
+    ``s3://``) or an MLflow model URI (downloaded from tracking server ``uri``), removed after."""
+    from date_core.data import storage
+
+    if is_mlflow_uri(source):
+        with local_checkpoint(source, uri) as folder:
+            yield folder
+    else:
+        with storage.local_dir(source) as folder:
+            yield Path(folder)
+
+
+def log_init_source(run_id: str, source: str, uri: str | None = None) -> str:
+    """Record where a run's initial weights came from: param ``init_from.source`` (and, for a
+    registry URI, ``init_from.run_id``: the run that produced that version). Returns the source."""
+    client = _client(uri)
+    params = {"init_from.source": str(source)}
+    if str(source).startswith("models:/"):
+        from mlflow.exceptions import MlflowException
+
+        name_version = str(source)[len("models:/"):]
+        try:
+            if "@" in name_version:
+                name, alias = name_version.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, version = name_version.rsplit("/", 1)
+                mv = client.get_model_version(name, version)
+            params["init_from.run_id"] = str(mv.run_id)
+            params["init_from.version"] = str(mv.version)
+        except (MlflowException, ValueError) as exc:
+            raise FileNotFoundError(f"model.init_from={source}: no such registered model version ({exc})") from None
+    logged = client.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in params.items() if k not in logged]  # params are immutable: a resumed run has them
+    if new:
+        client.log_batch(run_id, params=new)
+    return str(source)
 
 
 def evaluate_model(model_uri: str, data: str, domain: str, split: str, *, batch_size: int = 64,

@@ -95,9 +95,10 @@ def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, st
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """One data-parallel worker. ``loop_cfg``: ``cfg`` (the resolved run config), ``tokenizer``
     (folder), ``vocab_size``, ``counts`` (rows per dataset), ``mlflow`` ({uri, run_id} or None),
-    ``init_from`` (checkpoint folder to start from when no run checkpoint exists), ``tag``
+    ``init_from`` (checkpoint folder to start from when no run checkpoint exists: the previous
+    PG-DA round, whole), ``init_weights`` (``model.init_from``: weights loaded into the configured
+    model, see :func:`init_model`), ``tag``
     (metric prefix of the validation split, e.g. ``mall_val``)."""
-    from date_core import build_model
     from date_core.adapt import EMATeacher, adaptation_step, ema_decay_for, zoom_settings
     from date_core.engine import build_optimizer, build_scheduler, evaluate
     from date_core.inference import load_model
@@ -118,9 +119,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if loop_cfg.get("init_from"):
         with storage.local_dir(loop_cfg["init_from"]) as init_dir:
             model = load_model(init_dir)
-    else:
-        mcfg = dict(cfg["model"].get("overrides") or {})
-        model = build_model(cfg["model"]["preset"], vocab_size=loop_cfg["vocab_size"], **mcfg)
+    else:  # the configured model, with the weights of model.init_from when set (e.g. pretrained)
+        model = init_model(cfg, loop_cfg["vocab_size"], loop_cfg.get("init_weights"),
+                           (loop_cfg.get("mlflow") or {}).get("uri"))
     tokenizer = load_tokenizer(loop_cfg["tokenizer"])
     criterion = build_criterion(cfg["loss"])
     aligner = None
@@ -237,6 +238,23 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             break
 
 
+def init_model(cfg: Mapping[str, Any], vocab_size: int, source: str | None = None, uri: str | None = None):
+    """The model of ``model.preset`` + ``model.overrides``; with ``source`` (``model.init_from``:
+    a checkpoint folder, local or ``s3://``, or an MLflow model URI on tracking server ``uri``)
+    its weights are loaded into it, strictly (:func:`date_core.inference.load_weights_into`:
+    ``FileNotFoundError`` when missing, ``ValueError`` when the architecture differs)."""
+    from date_core import build_model
+    from date_core.inference import load_weights_into
+
+    model = build_model(cfg["model"]["preset"], vocab_size=vocab_size, **dict(cfg["model"].get("overrides") or {}))
+    if source:
+        from date_core.runtime import tracking
+
+        with tracking.init_checkpoint(str(source), uri) as folder:
+            load_weights_into(model, folder)
+    return model
+
+
 def _quiet_report_log(level: str) -> None:
     """Hold Ray Train's per-report INFO line (the whole metrics dict, every checkpoint) to
     ``runtime.train_log_level`` on the console. Ray 2.60 logs it under a logger named by the
@@ -300,8 +318,10 @@ def run_config(cfg: Mapping[str, Any], name: str) -> RunConfig:
     )
 
 
-def build_trainer(cfg: Mapping[str, Any], name: str, datasets: dict, loop_cfg: dict) -> TorchTrainer:
-    """A ``TorchTrainer`` over ``datasets`` (``train`` and ``target`` split across workers)."""
+def build_trainer(cfg: Mapping[str, Any], name: str, datasets: dict, loop_cfg: dict,
+                  loop=None) -> TorchTrainer:
+    """A ``TorchTrainer`` over ``datasets`` (``train`` and ``target`` split across workers);
+    ``loop``: the per-worker function (default :func:`train_loop_per_worker`)."""
     rt = cfg["runtime"]
     scaling = ScalingConfig(
         num_workers=int(rt["num_workers"]), use_gpu=bool(rt["use_gpu"]),
@@ -311,7 +331,7 @@ def build_trainer(cfg: Mapping[str, Any], name: str, datasets: dict, loop_cfg: d
         placement_strategy=str(rt.get("placement_strategy", "PACK")),
     )
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
+        loop or train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
         run_config=run_config(cfg, name), datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[k for k in ("train", "target") if k in datasets]),
     )
@@ -339,5 +359,5 @@ def checkpoint_step(model_dir: str | Path) -> int:
     return int(meta.get("extra", {}).get("step", 0))
 
 
-__all__ = ["build_trainer", "make_datasets", "train_loop_per_worker", "run_config",
+__all__ = ["build_trainer", "make_datasets", "train_loop_per_worker", "run_config", "init_model",
            "checkpoint_model_dir", "checkpoint_step"]

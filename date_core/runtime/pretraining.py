@@ -1,0 +1,222 @@
+"""CAPTURE-style pretraining (:mod:`date_core.pretrain`) as a Ray Train stage, driver and worker.
+
+Recipe, as :mod:`date_core.runtime.trainer` and :mod:`date_core.runtime.supervised` do it for
+supervised training::
+
+    datasets: the image-caption pairs of pretrain.domains x pretrain.splits (caption = query;
+              boxes unused), decoded by Ray Data, split across the workers
+    worker:   the configured model (model.preset + overrides; model.init_from's weights when
+              set) + the pretraining heads, AdamW + warm-up/cosine (train with pretrain.train
+              over it), pretrain_step per batch, a checkpoint every train.checkpoint_every steps
+              and at each epoch end (model folder with the heads beside it, optimiser state)
+    driver:   MLflow run (config params, loss curves), the final model folder, registered as a
+              new version of pretrain.registered_model
+
+The registered checkpoint is an ordinary DATE checkpoint (``load_model`` reads it; the heads file
+beside it is ignored there): ``model.init_from=models:/<name>/<version>`` starts training from it.
+"""
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import ray
+import ray.train
+import torch
+
+from date_core.runtime import session, tracking
+from date_core.runtime.supervised import StageResult
+from date_core.runtime.trainer import (MODEL_DIR, TRAIN_STATE, _quiet_report_log, _Tracker, build_trainer,
+                                       checkpoint_model_dir, init_model)
+
+STAGE = "pretrain"
+
+
+def pretrain_parts(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ``(domain, split)`` datasets pretraining reads."""
+    p = cfg["pretrain"]
+    return list(dict.fromkeys((str(d), str(s)) for d, s in itertools.product(p["domains"], p["splits"])))
+
+
+def make_pretrain_dataset(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenizer: str):
+    """``({"train": model batches}, {"train": rows})`` over every part of :func:`pretrain_parts`."""
+    from date_core.runtime.dataio import read_pairs, to_model_batches
+    from date_core.text import load_tokenizer
+
+    parts = [read_pairs(cfg["data"]["root"], d, s, shuffle_files=True) for d, s in pretrain_parts(cfg)]
+    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    count = rows.count()
+    tok = load_tokenizer(tokenizer)
+    seed = int(cfg["train"]["seed"])
+    batches = to_model_batches(rows, tok, int(model_cfg["image_size"]), int(model_cfg["max_text_len"]),
+                               train=True, seed=seed)
+    return {"train": batches}, {"train": count}
+
+
+# ----------------------------------------------------------------------------- worker
+def _save(tmp: str, pretrainer, optimizer, scheduler, tokenizer, state: dict, metrics: dict):
+    from safetensors.torch import save_file
+
+    from date_core.inference import save_checkpoint
+    from date_core.pretrain import HEADS_FILE
+
+    inner = getattr(pretrainer, "module", pretrainer)
+    folder = Path(tmp) / MODEL_DIR
+    heads = {"mlm_prob": inner.mlm_prob, "mpm_ratio": inner.mpm_ratio, "fusion_layers": len(inner.heads.text_fusion),
+             "terms": list(inner.active)}
+    save_checkpoint(inner.model, folder, tokenizer, extra={"step": state["step"], "metrics": metrics, "pretrain": heads})
+    save_file({k: v.detach().cpu().contiguous() for k, v in inner.heads.state_dict().items()}, str(folder / HEADS_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
+               Path(tmp) / TRAIN_STATE)
+    return ray.train.Checkpoint.from_directory(tmp)
+
+
+def _report(pretrainer, optimizer, scheduler, tokenizer, state, rank, metrics) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _save(tmp, pretrainer, optimizer, scheduler, tokenizer, state, metrics) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def pretrain_loop_per_worker(loop_cfg: dict) -> None:
+    """One data-parallel pretraining worker. ``loop_cfg``: ``cfg`` (the resolved run config),
+    ``tokenizer`` (folder), ``vocab_size``, ``counts``, ``mlflow`` ({uri, run_id} or None)."""
+    from safetensors.torch import load_file
+
+    from date_core.engine import build_optimizer, build_scheduler
+    from date_core.inference import load_model
+    from date_core.pretrain import HEADS_FILE, build_pretrainer, pretrain_step, pretrain_train_config
+    from date_core.text import load_tokenizer
+
+    cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]
+    tcfg, rcfg = pretrain_train_config(cfg), cfg["runtime"]
+    _quiet_report_log(str(rcfg.get("train_log_level", "WARNING")))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(rcfg.get("torch_threads") or rcfg.get("cpus_per_worker") or 1)))
+    torch.manual_seed(int(tcfg["seed"]) + rank)
+    autocast = torch.bfloat16 if device.type == "cuda" and tcfg.get("bf16", True) else None
+
+    spec = loop_cfg.get("mlflow") or {}
+    model = init_model(cfg, loop_cfg["vocab_size"], cfg["model"].get("init_from"), spec.get("uri"))
+    tokenizer = load_tokenizer(loop_cfg["tokenizer"])
+    pretrainer, criterion = build_pretrainer(model, tokenizer, cfg["pretrain"])
+    pretrainer.to(device)
+    optimizer = build_optimizer(pretrainer.model, tcfg, extra_modules=[pretrainer.heads])
+    bs, accum = int(tcfg["batch_size"]), int(tcfg.get("grad_accum", 1))
+    steps_per_epoch = max(1, counts["train"] // world // bs // accum)
+    total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
+    epochs = -(-total_steps // steps_per_epoch)
+    scheduler = build_scheduler(optimizer, min(int(tcfg.get("warmup_steps", 0)), total_steps // 5), total_steps,
+                                float(tcfg.get("min_lr_ratio") or 0.0))
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            pretrainer.model.load_state_dict(load_model(Path(ckpt_dir) / MODEL_DIR).state_dict())
+            pretrainer.heads.load_state_dict(load_file(str(Path(ckpt_dir) / MODEL_DIR / HEADS_FILE)))
+            saved = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location=device, weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: int(saved[k]) for k in state}
+        start_step = state["step"]
+        if rank == 0:
+            print(f"[pretrain] resumed from checkpoint at step {start_step}", flush=True)
+    # the grounding seeker never runs in pretraining: DDP must not wait for its gradients
+    pretrainer = ray.train.torch.prepare_model(pretrainer, parallel_strategy_kwargs={"find_unused_parameters": True})
+    tracker = _Tracker(loop_cfg.get("mlflow"), rank)
+    generator = torch.Generator().manual_seed(int(tcfg["seed"]) * 1000 + rank + 7919 * start_step)
+    train_shard = ray.train.get_dataset_shard("train")
+
+    t0 = t_first = time.time()
+    last_log: dict[str, float] = {}
+    micro = 0
+    while state["step"] < total_steps:
+        skip = state["batch_in_epoch"]
+        batches = train_shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs,
+                                                 local_shuffle_seed=int(tcfg["seed"]) + state["epoch"])
+        for i, batch in enumerate(batches):
+            if i < skip:
+                continue
+            if state["batch_in_epoch"] >= steps_per_epoch * accum or state["step"] >= total_steps:
+                break
+            logs = pretrain_step(pretrainer, criterion, batch, optimizer, scheduler, generator=generator,
+                                 grad_accum=accum, micro_step=micro, autocast_dtype=autocast, device=device)
+            micro += 1
+            if micro == 1:
+                t_first = time.time()
+            state["batch_in_epoch"] += 1
+            if not logs["stepped"]:
+                continue
+            state["step"] += 1
+            last_log = {f"pretrain/{k}": v for k, v in logs.items() if k != "stepped"}
+            if micro > 1:
+                last_log["pretrain/samples_per_s"] = (micro - 1) * bs / max(time.time() - t_first, 1e-9)
+            if rank == 0 and state["step"] % int(tcfg.get("log_every", 20)) == 0:
+                tracker.log(last_log, state["step"])
+                rate = (state["step"] - start_step) / max(1e-6, time.time() - t0)
+                print(f"[pretrain] step {state['step']}/{total_steps} "
+                      + " ".join(f"{k} {v:.3f}" for k, v in logs.items() if k.startswith("loss/"))
+                      + f" {rate:.2f} steps/s ETA {(total_steps - state['step']) / max(rate, 1e-6) / 60:.1f} min",
+                      flush=True)
+            if state["step"] % int(tcfg["checkpoint_every"]) == 0 and state["step"] < total_steps:
+                _report(pretrainer, optimizer, scheduler, tokenizer, state, rank,
+                        {**last_log, "step": state["step"], "start_step": start_step})
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        metrics = {**last_log, "step": state["step"], "epoch": state["epoch"], "start_step": start_step}
+        if rank == 0:
+            tracker.log(metrics, state["step"])
+            print(f"[pretrain] epoch {state['epoch']}/{epochs} step {state['step']}/{total_steps}", flush=True)
+        _report(pretrainer, optimizer, scheduler, tokenizer, state, rank, metrics)
+        if state["epoch"] >= epochs:
+            break
+
+
+# ----------------------------------------------------------------------------- driver
+def run_pretrain(cfg: Mapping[str, Any], name: str, *, experiment_id: str, out_dir: str | Path,
+                 register: bool = True) -> StageResult:
+    """Pretrain as the Ray Train run ``name`` (same name = resume) logged to MLflow; the final
+    model folder goes to ``out_dir/model`` (the caller owns ``out_dir``) and, with ``register``,
+    becomes a new version of ``pretrain.registered_model``."""
+    from date_core.model import resolve_model_config
+
+    uri = tracking.tracking_uri()
+    run_id, resumed = tracking.start_or_resume(experiment_id, name, STAGE, None, uri)
+    tracking.log_config(run_id, cfg, uri)
+    print(f"[{STAGE}] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}", flush=True)
+    try:
+        tok = session.tokenizer_dir(cfg)
+        vocab = session.vocab_size(tok)
+        if cfg["model"].get("init_from"):  # pretraining may continue from other weights too
+            tracking.log_init_source(run_id, cfg["model"]["init_from"], uri)
+            init_model(cfg, vocab, cfg["model"]["init_from"], uri)
+        model_cfg = resolve_model_config(cfg["model"]["preset"], **(cfg["model"].get("overrides") or {})).to_dict()
+        datasets, counts = make_pretrain_dataset(cfg, model_cfg, tok)
+        print(f"[{STAGE}] image-caption pairs: {counts['train']} from "
+              + ", ".join(f"{d}/{s}" for d, s in pretrain_parts(cfg)), flush=True)
+        loop_cfg = {"cfg": dict(cfg), "tokenizer": tok, "vocab_size": vocab, "counts": counts,
+                    "mlflow": {"uri": uri, "run_id": run_id}}
+        result = build_trainer(cfg, name, datasets, loop_cfg, loop=pretrain_loop_per_worker).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"pretraining run {name} finished without a checkpoint")
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", uri)
+        raise
+    model_dir = checkpoint_model_dir(result.checkpoint, Path(out_dir) / "model")
+    metrics = dict(result.metrics or {})
+    version = None
+    if register:
+        registered = cfg["pretrain"]["registered_model"]
+        version = tracking.log_and_register(run_id, model_dir, registered, metrics, uri)
+        print(f"[{STAGE}] registered {registered} version {version}", flush=True)
+    tracking.end_run(run_id, "FINISHED", uri)
+    return StageResult(run_id, model_dir, metrics, int(metrics.get("start_step", 0)), version)
+
+
+__all__ = ["pretrain_parts", "make_pretrain_dataset", "pretrain_loop_per_worker", "run_pretrain"]
