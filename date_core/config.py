@@ -85,13 +85,13 @@ PATH_KEYS: tuple[tuple[str, str], ...] = (("data", "root"), ("data", "tokenizer"
 def absolute_paths(cfg: Mapping[str, Any], base: str | Path | None = None) -> dict[str, Any]:
     """Local paths of :data:`PATH_KEYS` made absolute against ``base`` (default: the working
     directory). Ray Train workers run in a directory of their own, where ``runs/data`` would
-    name nothing; URIs (``s3://...``), ``None`` and preset names stay as they are."""
+    name nothing; URIs (``s3://...``, ``models:/...``), ``None`` and preset names stay as they are."""
     out = copy.deepcopy(dict(cfg))
     root = Path(base or Path.cwd())
     for section, key in PATH_KEYS:
         value = (out.get(section) or {}).get(key)
-        if not isinstance(value, str) or not value or "://" in value:
-            continue
+        if not isinstance(value, str) or not value or "://" in value or value.startswith(("models:/", "runs:/")):
+            continue  # URIs: s3://..., and MLflow's models:/NAME/VERSION (model.init_from)
         path = Path(value).expanduser()
         if key == "preset" and not (root / path).is_file() and not path.is_file():
             continue  # a preset name such as "tiny"
