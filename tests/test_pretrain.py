@@ -176,7 +176,7 @@ def test_pretrain_pipeline_on_ray_registers_a_model_that_init_from_loads(pw_data
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.rindex("{\n"):])
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:])  # the closing summary
     assert summary["registered_version"] == "1"
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -198,3 +198,11 @@ def test_pretrain_pipeline_on_ray_registers_a_model_that_init_from_loads(pw_data
     loaded = init_model(cfg, session.vocab_size(session.tokenizer_dir(cfg)), cfg["model"]["init_from"], uri)
     for key, value in saved.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_config_keeps_an_mlflow_init_from_and_is_off_by_default():
+    from date_core.config import resolve_config
+
+    assert resolve_config(None, [])["model"]["init_from"] is None
+    cfg = resolve_config(None, ["model.init_from=models:/date-pretrained/3"])
+    assert cfg["model"]["init_from"] == "models:/date-pretrained/3"  # not made a local path
