@@ -202,8 +202,11 @@ class CapturePretrainer(nn.Module):
             chosen = labels != IGNORE
             logits = heads.mlm_logits(text["sequence"], image["patches"], chosen)  # [M, V]
             truth = labels[chosen]
-            terms["mlm"] = F.cross_entropy(logits.float(), truth)
-            stats["mlm_acc"] = float((logits.argmax(-1) == truth).float().mean().detach())
+            if truth.numel():
+                terms["mlm"] = F.cross_entropy(logits.float(), truth)
+                stats["mlm_acc"] = float((logits.argmax(-1) == truth).float().mean().detach())
+            else:  # no maskable token in the whole batch (captions of special tokens only)
+                terms["mlm"] = logits.float().sum() * 0.0
         if "mpm" in self.active:
             pred = heads.mpm_prediction(image["patches"], grid, blanked, text["sequence"], attn)  # [M, h]
             terms["mpm"] = F.mse_loss(pred.float(), target[blanked])
