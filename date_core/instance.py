@@ -131,6 +131,58 @@ def choose_text_weight(queries: QueryFeatures, gallery: Tensor, query_labels: Se
     return max(scores, key=lambda w: (scores[w], -abs(w - 0.5))), scores
 
 
+def choose_rule(queries: QueryFeatures, gallery: Tensor, query_labels: Sequence[Sequence[str]],
+                gallery_labels: Sequence[str], metric: str = "inst/textbook/mAP@10") -> dict[str, Any]:
+    """The scoring rule (``image_pool`` among those the model has, and ``text_weight``) with
+    the best ``metric`` on a validation split -> ``{"image_pool", "text_weight", "val_metric"}``."""
+    best: dict[str, Any] | None = None
+    for pool in IMAGE_POOLS:
+        if pool == "tokens" and queries.tokens is None:
+            continue
+        w, table = choose_text_weight(queries, gallery, query_labels, gallery_labels, pool, metric=metric)
+        if best is None or table[w] > best["val_metric"]:
+            best = {"image_pool": pool, "text_weight": w, "val_metric": table[w]}
+    assert best is not None
+    return best
+
+
+def evaluate_checkpoint(model_dir: str, root: str, queries: tuple[str, str] = ("multi", "test"),
+                        gallery: tuple[str, str] = ("single", "gallery"), *,
+                        val: tuple[str, str] | None = ("multi", "val"), text_weight: float | None = None,
+                        image_pool: str | None = None, batch_size: int = 64,
+                        device: str = "cpu") -> dict[str, Any]:
+    """Instance-level retrieval metrics of a checkpoint folder on an instance-mode dataset.
+
+    ``queries`` / ``gallery`` / ``val``: (domain, split) of ``root``. The scoring rule is
+    ``text_weight`` / ``image_pool`` where given, else chosen on ``val`` (:func:`choose_rule`);
+    without either, caption and image count equally with pooled embeddings.
+    """
+    from .inference import load_seeker
+
+    seeker = load_seeker(model_dir, device=device, batch_size=batch_size)
+    model, cfg = seeker.model, seeker.model.config
+
+    def feats(domain_split: tuple[str, str], side: str):
+        table = read_split(root, *domain_split)
+        batches = model_batches(table, seeker.tokenizer, cfg.image_size, cfg.max_text_len, batch_size)
+        if side == "gallery":
+            return encode_gallery(model, batches, device), labels(table, gallery=True)
+        return encode_queries(model, batches, device), labels(table)
+
+    g, glabels = feats(gallery, "gallery")
+    rule: dict[str, Any] = {"image_pool": image_pool or "mean", "text_weight": 0.5 if text_weight is None else text_weight}
+    if text_weight is None or image_pool is None:
+        if val is not None:
+            qv, vlabels = feats(val, "queries")
+            chosen = choose_rule(qv, g, vlabels, glabels)
+            rule = {"image_pool": image_pool or chosen["image_pool"],
+                    "text_weight": chosen["text_weight"] if text_weight is None else text_weight,
+                    "chosen_on": "/".join(val)}
+    q, qlabels = feats(queries, "queries")
+    metrics = evaluate(q, g, qlabels, glabels, float(rule["text_weight"]), rule["image_pool"])
+    return {**rule, "queries": "/".join(queries), "gallery": "/".join(gallery), **metrics}
+
+
 # ----------------------------------------------------------------------------- data
 def read_split(root: str, domain: str, split: str) -> pa.Table:
     """``ROOT/<domain>/<split>`` as one Arrow table (the contract columns and ``instance_ids``)."""

@@ -109,3 +109,49 @@ def test_dual_encoder_trains_with_the_contrastive_criterion_alone():
     assert last < 0.5 * first  # it memorises a fixed batch
     with pytest.raises(KeyError):  # DATE's full criterion needs the grounding outputs
         DateCriterion(gather=False)(model(batch[B.PIXEL_VALUES], batch[B.INPUT_IDS], batch[B.ATTENTION_MASK]), batch)
+
+
+@pytest.mark.integration
+def test_evaluate_cli_instance_mode(ray_module, tmp_path, capsys):
+    """``evaluate.py --instance`` on a prepared instance-mode dataset: Product1M's metrics of
+    multi/test against single/gallery, the rule chosen on multi/val unless given."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "pipelines"))
+    import evaluate as evaluate_cli
+    import prepare
+
+    from date_core.inference import save_checkpoint
+    from date_core.text import load_tokenizer
+
+    data = str(tmp_path / "pwi")
+    assert prepare.main(["synth", "--instance", "--queries", "40", "--items", "20", "--distractors", "6",
+                         "--splits", "train=0.4,val=0.3,test=0.3", "--seed", "0", "--out", data,
+                         "--vocab-size", "300", "--images-per-task", "16"]) == 0
+    tok = load_tokenizer(Path(data) / "tokenizer")
+    torch.manual_seed(0)
+    save_checkpoint(build_model("tiny", vocab_size=len(tok)), tmp_path / "model", tok)
+
+    out = tmp_path / "inst.json"
+    assert evaluate_cli.main(["--instance", "--model", str(tmp_path / "model"), "--data", data,
+                              "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["chosen_on"] == "multi/val" and m["image_pool"] in ("mean", "tokens")
+    assert m["inst/n_gallery"] == 26 and m["inst/n_queries"] > 0
+    for name in ("mAP", "Prec", "mAR"):
+        for n in (10, 50, 100):
+            assert 0.0 <= m[f"inst/official/{name}@{n}"] <= 1.0
+    assert "inst/textbook/mAP@10" in capsys.readouterr().out
+
+    fixed = tmp_path / "fixed.json"
+    assert evaluate_cli.main(["--instance", "--model", str(tmp_path / "model"), "--data", data, "--out", str(fixed),
+                              "--text-weight", "1.0", "--image-pool", "tokens"]) == 0
+    f = json.loads(fixed.read_text())
+    assert (f["text_weight"], f["image_pool"]) == (1.0, "tokens") and "chosen_on" not in f
+    # a dataset without the instance layout is refused with a message, not a traceback
+    assert evaluate_cli.main(["--instance", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "none"),
+                              "--out", str(tmp_path / "x.json")]) == 2
+    assert "no Parquet files" in capsys.readouterr().err
