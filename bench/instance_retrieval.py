@@ -1,7 +1,8 @@
 """Instance-level retrieval (Product1M's task) on the ProductWorld instance mode: a plain dual
 encoder, DATE without pretraining and DATE with CAPTURE-style pretraining, same budget, 3 seeds.
 
-    python pipelines/prepare.py synth --instance --queries 1500 --seed 0 --out runs/data/pw-instance
+    python pipelines/prepare.py synth --instance --queries 3000 --seed 0 \\
+        --splits train=0.6,val=0.1,test=0.3 --out runs/data/pw-instance   # 889 test queries
     python bench/instance_retrieval.py --data runs/data/pw-instance
     python bench/instance_retrieval.py --data runs/data/groceries-instance --name instance_retrieval_freiburg
 
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _common import hardware_string, markdown_table, today, write_result  # noqa: E402
 
 from date_core import instance as inst  # noqa: E402
+from date_core.data import io  # noqa: E402
 from date_core.engine import build_optimizer, build_scheduler, train_step  # noqa: E402
 from date_core.losses import ContrastiveCriterion, DateCriterion  # noqa: E402
 from date_core.metrics_instance import INSTANCE_NS  # noqa: E402
@@ -161,9 +163,11 @@ def main() -> None:
     tok = load_tokenizer(tok_dir)
     t0 = time.perf_counter()
     multi, multi_t = load_split(args.data, "multi", "train", tok, cfg)
-    single, single_t = load_split(args.data, "single", "train", tok, cfg)
+    # single/train: ProductWorld's single-product photos with titles (the Freiburg mode has none)
+    has_single = ("single", "train") in io.list_datasets(args.data)
+    single, single_t = load_split(args.data, "single", "train", tok, cfg) if has_single else ({}, None)
     rng = np.random.default_rng(0)
-    train_data = {k: np.concatenate([multi[k], single[k]]) for k in multi}
+    train_data = {k: np.concatenate([multi[k], single[k]]) if has_single else multi[k] for k in multi}
     if len(train_data["input_ids"]) > args.max_train:
         keep = rng.choice(len(train_data["input_ids"]), args.max_train, replace=False)
         train_data = {k: v[keep] for k, v in train_data.items()}
@@ -171,7 +175,7 @@ def main() -> None:
             "test": load_split(args.data, "multi", "test", tok, cfg),
             "gallery": load_split(args.data, "single", "gallery", tok, cfg)}
     sizes = {"train_pairs": len(train_data["input_ids"]), "train_multi": multi_t.num_rows,
-             "train_single": single_t.num_rows, "val_queries": data["val"][1].num_rows,
+             "train_single": single_t.num_rows if has_single else 0, "val_queries": data["val"][1].num_rows,
              "test_queries": data["test"][1].num_rows, "gallery": data["gallery"][1].num_rows}
     print(f"[instance] data decoded in {time.perf_counter() - t0:.0f} s: {json.dumps(sizes)}", flush=True)
 

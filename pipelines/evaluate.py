@@ -16,7 +16,7 @@ ranks single/gallery; the JSON holds Product1M's mAP/Prec/mAR@10/50/100, officia
 (inst/official/..., inst/textbook/...), and the scoring rule, chosen on multi/val unless
 --text-weight and --image-pool are given (see date_core/instance.py).
 
-  python pipelines/evaluate.py --instance --model runs/models/seeker --data runs/data/pw-instance --out inst.json
+  python pipelines/evaluate.py --instance --model runs/models/seeker/model --data runs/data/pw-instance --out inst.json
 """
 from __future__ import annotations
 
