@@ -148,6 +148,16 @@ def train_step(model: nn.Module, criterion: DateCriterion, batch: Batch, optimiz
             raise FloatingPointError(f"non-finite loss {float(total)}; terms: {logs}")
         (total / grad_accum).backward()
     logs["loss/total"] = float(total.detach())
+    logs.update(optimizer_update(optimizer, scheduler, stepping, max_grad_norm))
+    return logs
+
+
+def optimizer_update(optimizer: torch.optim.Optimizer, scheduler: Any, stepping: bool,
+                     max_grad_norm: float | None) -> dict[str, float]:
+    """After a micro-step's backward: on a stepping micro-step clip, step, zero the gradients
+    and advance the schedule. Returns ``lr``, ``stepped`` and (when clipped) ``grad_norm``;
+    every training step of the library (supervised, pretraining) ends with it."""
+    logs: dict[str, float] = {}
     if stepping:
         if max_grad_norm is not None:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -261,10 +261,6 @@ def pretrain_train_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- steps and loop
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def pretrain_step(pretrainer: nn.Module, criterion: CaptureCriterion, batch: Mapping[str, Any],
                   optimizer: torch.optim.Optimizer, scheduler: Any = None, *, generator: torch.Generator | None = None,
                   grad_accum: int = 1, micro_step: int = 0, autocast_dtype: torch.dtype | None = None,
@@ -273,7 +269,7 @@ def pretrain_step(pretrainer: nn.Module, criterion: CaptureCriterion, batch: Map
     DDP-wrapped); the optimiser steps every ``grad_accum`` micro-steps. Returns floats
     ``loss/mlm``, ``loss/mpm``, ``loss/itc`` (the active ones), ``loss/total``, ``mlm_acc``,
     ``lr``, ``grad_norm`` (when stepping) and ``stepped`` (1.0 when the optimiser stepped)."""
-    from .engine import to_device
+    from .engine import _autocast, optimizer_update, to_device
 
     device = torch.device(device)
     pretrainer.train()
@@ -289,16 +285,7 @@ def pretrain_step(pretrainer: nn.Module, criterion: CaptureCriterion, batch: Map
             raise FloatingPointError(f"non-finite pretraining loss {float(total)}; terms: {logs}")
         (total / grad_accum).backward()
     logs["loss/total"] = float(total.detach())
-    if stepping:
-        if max_grad_norm is not None:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-    logs["lr"] = float(optimizer.param_groups[0]["lr"])
-    logs["stepped"] = 1.0 if stepping else 0.0
+    logs.update(optimizer_update(optimizer, scheduler, stepping, max_grad_norm))
     return logs
 
 

@@ -29,8 +29,9 @@ import torch
 
 from date_core.runtime import session, tracking
 from date_core.runtime.supervised import StageResult
-from date_core.runtime.trainer import (MODEL_DIR, TRAIN_STATE, _quiet_report_log, _Tracker, build_trainer,
-                                       checkpoint_model_dir, init_model)
+from date_core.runtime.trainer import (MODEL_DIR, TRAIN_STATE, _Tracker, build_trainer, checkpoint_model_dir,
+                                       init_model, worker_setup)
+
 
 STAGE = "pretrain"
 
@@ -92,13 +93,7 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
 
     cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]
     tcfg, rcfg = pretrain_train_config(cfg), cfg["runtime"]
-    _quiet_report_log(str(rcfg.get("train_log_level", "WARNING")))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(rcfg.get("torch_threads") or rcfg.get("cpus_per_worker") or 1)))
-    torch.manual_seed(int(tcfg["seed"]) + rank)
-    autocast = torch.bfloat16 if device.type == "cuda" and tcfg.get("bf16", True) else None
+    rank, world, device, autocast = worker_setup(tcfg, rcfg)
 
     spec = loop_cfg.get("mlflow") or {}
     model = init_model(cfg, loop_cfg["vocab_size"], cfg["model"].get("init_from"), spec.get("uri"))

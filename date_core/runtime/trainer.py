@@ -92,6 +92,19 @@ def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, st
     return Checkpoint.from_directory(tmp)
 
 
+
+def worker_setup(tcfg: Mapping[str, Any], rcfg: Mapping[str, Any]) -> tuple[int, int, torch.device, Any]:
+    """A Ray Train worker's start: quiet report logs, torch threads, a per-rank seed ->
+    (rank, world size, device, autocast dtype: bf16 on a GPU unless ``train.bf16`` is off)."""
+    _quiet_report_log(str(rcfg.get("train_log_level", "WARNING")))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(rcfg.get("torch_threads") or rcfg.get("cpus_per_worker") or 1)))
+    torch.manual_seed(int(tcfg["seed"]) + rank)
+    autocast = torch.bfloat16 if device.type == "cuda" and tcfg.get("bf16", True) else None
+    return rank, world, device, autocast
+
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """One data-parallel worker. ``loop_cfg``: ``cfg`` (the resolved run config), ``tokenizer``
     (folder), ``vocab_size``, ``counts`` (rows per dataset), ``mlflow`` ({uri, run_id} or None),
@@ -107,13 +120,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]
     tcfg, rcfg = cfg["train"], cfg["runtime"]
-    _quiet_report_log(str(rcfg.get("train_log_level", "WARNING")))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(rcfg.get("torch_threads") or rcfg.get("cpus_per_worker") or 1)))
-    torch.manual_seed(int(tcfg["seed"]) + rank)
-    autocast = torch.bfloat16 if device.type == "cuda" and tcfg.get("bf16", True) else None
+    rank, world, device, autocast = worker_setup(tcfg, rcfg)
 
     # -- model, losses, optimiser: a fresh model, or the adaptation's previous round
     if loop_cfg.get("init_from"):
