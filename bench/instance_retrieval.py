@@ -48,12 +48,15 @@ from date_core import instance as inst  # noqa: E402
 from date_core.data import io  # noqa: E402
 from date_core.engine import build_optimizer, build_scheduler, train_step  # noqa: E402
 from date_core.losses import ContrastiveCriterion, DateCriterion  # noqa: E402
-from date_core.metrics_instance import INSTANCE_NS  # noqa: E402
+from date_core.metrics_instance import INSTANCE_NS, instance_retrieval_metrics  # noqa: E402
 from date_core.model import build_model, pretrained_tokenizer_dir, resolve_model_config  # noqa: E402
 from date_core.model.dual import DualEncoder  # noqa: E402
+from date_core.pretrain import pretrain_loop  # noqa: E402
 
 ROWS = ("random", "dual_encoder", "date", "date_capture")
 METRICS = [f"{m}@{n}" for m in ("mAP", "Prec", "mAR") for n in INSTANCE_NS]
+TABLE = ("mAP@10", "mAP@50", "mAP@100", "textbook/mAP@10", "textbook/mAP@50", "textbook/mAP@100", "mAR@10",
+         "textbook/mAR@10")
 
 
 def load_split(root: str, domain: str, split: str, tok, cfg) -> tuple[dict[str, np.ndarray], Any]:
@@ -93,7 +96,6 @@ def train(model: torch.nn.Module, criterion, data, steps: int, args, seed: int) 
 def pretrain(model: torch.nn.Module, data, steps: int, args, seed: int, tok) -> float:
     """``steps`` CAPTURE-style pretraining steps (:mod:`date_core.pretrain`, the packaged
     ``pretrain:`` loss weights) at the same learning rate and batch size -> seconds."""
-    from date_core.pretrain import pretrain_loop
 
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -181,12 +183,13 @@ def main() -> None:
 
     rows: dict[str, dict[str, list[float]]] = {}
     runs: list[dict] = []
-    for row in args.rows:
-        for seed in args.seeds:
+    # seed-major: a run cut short still holds whole seeds of every row; the result file is
+    # rewritten after every run ("complete": false until the last)
+    for seed in args.seeds:
+        for row in args.rows:
             if row == "random":
                 test_t, gallery_t = data["test"][1], data["gallery"][1]
                 ranked = inst.random_ranking(test_t.num_rows, gallery_t.num_rows, seed=seed)
-                from date_core.metrics_instance import instance_retrieval_metrics
                 metrics = pick(instance_retrieval_metrics(ranked, inst.labels(test_t), inst.labels(gallery_t, True)))
                 info = {"seed": seed}
             else:
@@ -196,15 +199,13 @@ def main() -> None:
             runs.append({"row": row, **info, **metrics})
             print(f"[instance] {row} seed {seed}: mAP@10 {metrics['mAP@10']:.4f} "
                   f"textbook mAP@10 {metrics['textbook/mAP@10']:.4f} {json.dumps(info)}", flush=True)
-
-    table = [{"row": r, **{k: _mean_std(v) for k, v in m.items()
-                           if k in ("mAP@10", "mAP@50", "mAP@100", "textbook/mAP@10", "textbook/mAP@50",
-                                    "textbook/mAP@100", "mAR@10", "textbook/mAR@10")}}
-             for r, m in rows.items()]
-    md = markdown_table(table)
+            done = seed == args.seeds[-1] and row == args.rows[-1]
+            md = markdown_table([{"row": r, **{k: _mean_std(v) for k, v in m.items() if k in TABLE}}
+                                 for r, m in rows.items()])
+            write_result(args.name, {"date": today(), "hardware": hardware_string(), "args": vars(args),
+                                     "sizes": sizes, "complete": done, "rows": rows, "runs": runs,
+                                     "table_markdown": md})
     print(md)
-    write_result(args.name, {"date": today(), "hardware": hardware_string(), "args": vars(args),
-                             "sizes": sizes, "rows": rows, "runs": runs, "table_markdown": md})
 
 
 def _mean_std(values: list[float]) -> str:
