@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +54,33 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _nvidia_smi_gpus() -> str | None:
+    """``name (N GiB), ...`` from ``nvidia-smi``; ``None`` where it is absent or fails."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        rows = [line.rsplit(",", 1) for line in out.strip().splitlines() if "," in line]
+        return ", ".join(f"{name.strip()} ({float(mib) / 1024:.0f} GiB)" for name, mib in rows) or None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
 def gpu_description() -> str | None:
-    """Name and memory of each visible CUDA GPU, or ``None`` when torch sees none."""
+    """Name and memory of each visible CUDA GPU, or ``None`` when there is none.
+
+    Where this process has not used CUDA yet, ``nvidia-smi`` answers: even
+    ``torch.cuda.is_available()`` registers PyTorch's fork guard, after which every CUDA call in
+    a worker forked later fails ("Cannot re-initialize CUDA in forked subprocess"), and
+    ``pgda_ablation.py --jobs N --device cuda`` forks its workers after writing a partial result.
+    """
     try:
         import torch
     except ImportError:
         return None
+    if not torch.cuda.is_initialized():
+        smi = _nvidia_smi_gpus()
+        if smi is not None or shutil.which("nvidia-smi"):
+            return smi
     if not torch.cuda.is_available():
         return None
     parts = []

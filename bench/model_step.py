@@ -2,14 +2,15 @@
 
     python bench/model_step.py                 # CPU: lite, tiny and small (+ baselines); GPU rows if one is present
     python bench/model_step.py --quick         # fewer timed steps
+    python bench/model_step.py --skip-cpu --gpu-presets lite base --gpu-batches 64 256   # GPU rows only
 
 CPU: ``lite`` (as the preset: frozen encoders; and with its last encoder layers trained),
 ``tiny`` and ``small`` in float32 through ``engine.train_step``, beside a bare baseline loop
 per preset (forward, loss, backward, optimiser step written out by hand: the engine must cost
 nothing) and the hybrid conv-stem variant of tiny. GPU (when ``torch.cuda.is_available()``):
-``lite``, ``tiny``, ``small`` and ``base`` under bf16 autocast with the largest power-of-two batch that fits, their
-achieved TFLOP/s against the GPU's dense bf16 peak, and the same batch in float32 as the
-baseline. Each configuration runs in its own subprocess so that peak memory is its own.
+``lite``, ``tiny``, ``small`` and ``base`` (``--gpu-presets``) under bf16 autocast at the fastest of the
+power-of-two batches that fit (or of ``--gpu-batches``), their achieved TFLOP/s against the GPU's
+dense bf16 peak, and the same batch in float32 as the baseline. Each configuration runs in its own subprocess so that peak memory is its own.
 Writes ``bench/results/model_step.json`` and prints a Markdown table.
 """
 from __future__ import annotations
@@ -149,6 +150,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")),
                     help="torch CPU threads (1 is faster on a shared, oversubscribed machine)")
+    ap.add_argument("--skip-cpu", action="store_true", help="GPU rows only (the CPU rows are this machine's, "
+                    "and a GPU host's CPU is another machine)")
+    ap.add_argument("--gpu-presets", nargs="+", default=["lite", "tiny", "small", "base"])
+    ap.add_argument("--gpu-batches", nargs="+", type=int, default=None,
+                    help="bf16 batch sizes to try per preset (default: doubling from 32 until memory is 45%% full)")
+    ap.add_argument("--name", default="model_step", help="result name (<results-dir>/<name>.json)")
+    ap.add_argument("--results-dir", default=None, help="write the result here instead of bench/results/")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON spec of one configuration
     args = ap.parse_args()
     import torch
@@ -165,7 +173,7 @@ def main() -> None:
                    ("lite", LITE_TRAINED_TOP, 32, "lite, last encoder layers trained", False),
                    ("tiny", {}, 32, "tiny", False), ("tiny", {}, 32, "tiny bare loop (baseline)", True),
                    ("tiny", HYBRID_TINY, 32, "tiny hybrid stem", False), ("small", {}, 16, "small", False)]
-    for preset, overrides, bs, label, bare in cpu_configs:
+    for preset, overrides, bs, label, bare in ([] if args.skip_cpu else cpu_configs):
         spec = dict(preset=preset, overrides=overrides, batch_size=bs, device="cpu", dtype=None,
                     steps=steps, min_seconds=min_s, bare=bare)
         print(f"cpu: {label} batch {bs} ...", flush=True)
@@ -187,19 +195,21 @@ def main() -> None:
     else:
         name = torch.cuda.get_device_name(0)
         peak = bf16_peak(name)
-        for preset in ("lite", "tiny", "small", "base"):
-            best, bs = None, 32
-            while bs <= 4096:  # the largest power-of-two batch that fits, up to 90% of memory
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        for preset in args.gpu_presets:
+            best = None
+            # the largest power-of-two batch that fits (doubling while under 45% of memory), or the given ladder
+            ladder = args.gpu_batches or [32 * 2 ** i for i in range(8)]
+            for bs in ladder:
                 spec = dict(preset=preset, overrides={}, batch_size=bs, device="cuda", dtype="bfloat16",
                             steps=steps, min_seconds=min_s / 3)
                 res = run_sub(["--one", json.dumps(spec)], timeout=900)
                 if res is None:
                     break
-                best = res
-                total = torch.cuda.get_device_properties(0).total_memory / 2**30
-                if res["peak_mem_gib"] > 0.45 * total:
+                if best is None or res["samples_per_s"] > best["samples_per_s"]:
+                    best = res
+                if args.gpu_batches is None and res["peak_mem_gib"] > 0.45 * total:
                     break  # doubling again would not fit
-                bs *= 2
             if best is None:
                 continue
             best["config"] = f"{preset} bf16"
@@ -218,11 +228,11 @@ def main() -> None:
             "gflop_per_step", "achieved_tflops", "mfu", "peak_rss_mib", "peak_above_idle_mib", "peak_mem_gib"]
     print(markdown_table(rows, cols))
     load = os.getloadavg()
-    path = write_result("model_step", {
+    path = write_result(args.name, {
         "what": "train-step throughput (forward, loss, backward, AdamW) per preset; CPU rows float32",
         "threads": args.threads, "load_average_1_5_15": load, "quick": args.quick,
         "gpu_note": gpu_note, "hybrid_overrides": HYBRID_TINY, "rows": rows,
-        "hardware_note": hardware_string()})
+        "hardware_note": hardware_string()}, args.results_dir)
     print(f"load average {load[0]:.1f} on {os.cpu_count()} CPUs; wrote {path}")
 
 

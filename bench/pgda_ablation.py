@@ -14,6 +14,7 @@ following the student; the teacher is evaluated on the *target test* split, in e
   conditional   + conditional alignment of the fused features (JMMD with the boxes)
   pseudo_only   target_pairs + pseudo boxes from self-training rounds (no alignment)
   full_date     conditional + pseudo boxes
+  marginal_pseudo  marginal + pseudo boxes (DATE without the conditional term)
   oracle        target_pairs + the target train boxes (the ceiling)
 
 Self-training rows label the target train split with the teacher after ``--first-label`` of the
@@ -73,6 +74,7 @@ ROWS = {
     "conditional": ("+ conditional alignment", True, ALL_ALIGN, False, False),
     "pseudo_only": ("pseudo-labels only", True, (), True, False),
     "full_date": ("full DATE (align + pseudo)", True, ALL_ALIGN, True, False),
+    "marginal_pseudo": ("marginal alignment + pseudo-labels", True, MARGINAL, True, False),
     "oracle": ("target oracle (target boxes)", True, (), False, True),
 }
 BENCHMARKS = ("productworld", "freiburg")
@@ -317,7 +319,19 @@ def run_one(job: tuple) -> dict:
             out.update({f"{split}/{k}": v for k, v in m.items()})
     print(f"  [{bench} {row} s{seed}] -> target_test acc@0.5 {out['target_test/pg/acc@0.5']:.3f} "
           f"mIoU {out['target_test/pg/mIoU']:.3f} in {train_s / 60:.1f} min", flush=True)
-    return out
+    return _to_host(out)
+
+
+def _to_host(obj):
+    """Tensors -> Python numbers / lists (NaN kept): a CUDA tensor in a result would initialise CUDA
+    in the parent when unpickled, and the workers the pool forks after that would fail."""
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.dim() == 0 else obj.detach().cpu().tolist()
+    return obj
 
 
 # --------------------------------------------------------------------------- table
@@ -405,10 +419,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.jobs > 1:
         # fork: the children share the encoded arrays; the parent has run no torch kernels yet
         with mp.get_context("fork").Pool(args.jobs, maxtasksperchild=1) as pool:
-            results = pool.map(run_one, jobs, chunksize=1)
+            results = []
+            for res in pool.imap_unordered(run_one, jobs, chunksize=1):
+                results.append(res)  # a partial result file after every run: a long table survives a stop
+                write_result(f"{args.name}.partial", {"args": vars(args), "runs": results}, args.results_dir)
     else:
         results = []
-        for job in jobs:  # a partial result file after every run: a long table survives a stop
+        for job in jobs:
             results.append(run_one(job))
             write_result(f"{args.name}.partial", {"args": vars(args), "runs": results}, args.results_dir)
     args_dict = {k: v for k, v in vars(args).items()}

@@ -28,11 +28,33 @@ def test_quick_ablation_runs_every_row_with_the_control(tmp_path, monkeypatch):
     rows = out["benchmarks"]["productworld"]["rows"]
     assert list(rows) == list(pgda_ablation.ROWS)          # the control row target_pairs included
     assert all(len(v["acc@0.5"]) == 1 for v in rows.values())
-    # 7 rows x 6 steps, all through adaptation_step; every row but source_only carries target pairs
-    assert len(calls) == 7 * 6 and sum(calls) == 6 * 6
+    # every row x 6 steps, all through adaptation_step; every row but source_only carries target pairs
+    n = len(pgda_ablation.ROWS)
+    assert len(calls) == n * 6 and sum(calls) == (n - 1) * 6
     control = [r for r in out["runs"] if r["row"] == "target_pairs"][0]
     assert control["rounds"] == [] and control["loss_weights"]["align_marginal_image"] == 0.0
     pseudo = [r for r in out["runs"] if r["row"] == "pseudo_only"][0]
     assert len(pseudo["rounds"]) == 1 and "precision@0.5" in pseudo["rounds"][0]
     saved = json.loads((tmp_path / "quick.json").read_text())
     assert set(saved["benchmarks"]["productworld"]["rows"]) == set(pgda_ablation.ROWS)
+
+
+def test_gpu_description_does_not_touch_cuda_before_the_pool_forks(monkeypatch):
+    """The ablation's parent writes a partial result (with the hardware) between forking pool
+    workers; asking torch about CUDA there would break CUDA in every later worker."""
+    import subprocess
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.cuda was queried before this process used CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", forbidden)
+    monkeypatch.setattr(torch.cuda, "device_count", forbidden)
+    monkeypatch.setattr(_common.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout="NVIDIA H200, 143771\n", stderr=""))
+    assert _common.gpu_description() == "NVIDIA H200 (140 GiB)"
