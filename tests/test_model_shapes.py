@@ -64,6 +64,21 @@ def test_base_preset_has_vit_b16_and_bert_base_sizes():
     assert (bert.hidden_size, bert.num_hidden_layers, bert.intermediate_size, bert.vocab_size) == (768, 12, 3072, 30522)
     n_params = sum(p.numel() for p in model.parameters())
     assert 190e6 < n_params < 300e6, n_params  # ViT-B (86M) + BERT-base (109M) + seekers
+    # width 768: the seeker's coordinate features once overflowed float32 here (NaN boxes)
+    model.eval()
+    pixels, ids, mask = _random_inputs(model, b=2)
+    with torch.no_grad():
+        out = model(pixels, ids, mask)
+    check_contract(model, out, 2)
+    assert all(bool(torch.isfinite(v).all()) for v in out.values() if torch.is_tensor(v))
+
+
+def test_coordinate_features_are_finite_at_every_width():
+    from date_core.model.seekers import sincos_coordinates
+
+    for dim in (128, 192, 384, 512, 768, 1024):
+        centres, feats = sincos_coordinates(14, dim, torch.device("cpu"))
+        assert feats.shape == (196, dim) and bool(torch.isfinite(feats).all()), dim
 
 
 def test_preset_sources_and_overrides(tmp_path):

@@ -46,13 +46,20 @@ class RetrievalSeeker(nn.Module):
         return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
 
 
+#: octaves of the coordinate features that float32 can hold (pi * 2^126 < 3.4e38 < pi * 2^127)
+MAX_OCTAVES = 127
+
+
 def sincos_coordinates(grid: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Patch centres of a ``grid x grid`` layout -> (``[N, 2]`` centres in [0, 1] (x, y),
     ``[N, dim]`` sin-cos features of them)."""
     idx = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid
     cy, cx = torch.meshgrid(idx, idx, indexing="ij")
     centres = torch.stack([cx.flatten(), cy.flatten()], dim=-1)
-    n_freq = dim // 4
+    # Octave frequencies pi * 2^k. Past k = 126 they overflow float32 (inf -> sin/cos NaN: the
+    # 768-wide base preset produced NaN boxes from its first step), so the rest is zero-padded; every
+    # width below 512 is unchanged.
+    n_freq = min(dim // 4, MAX_OCTAVES)
     freqs = (2.0 ** torch.arange(n_freq, device=device, dtype=torch.float32)) * math.pi
     angles = centres[:, :, None] * freqs  # [N, 2, F]
     feats = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # [N, 4F]
