@@ -18,6 +18,7 @@ beside the baselines in the same run:
     python bench/real_groceries.py                 # tiny preset, 10 minutes of training
     python bench/real_groceries.py --minutes 3     # shorter
     python bench/real_groceries.py --preset small --minutes 30
+    python bench/real_groceries.py --preset lite --steps 850 --threads 1 --name real_groceries_lite
 
 Skips (exit 0, with the reason) when ``../shared/data/freiburg_groceries_voc`` is absent.
 Writes ``bench/results/real_groceries.json``.
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval-every-s", type=float, default=120.0, help="val evaluation interval")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="real_groceries", help="result name (bench/results/<name>.json)")
     return ap.parse_args(argv)
 
 
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     result = {"args": vars(args), "pairs": sizes, "classes": classes, "table": rows, "curve": curve,
               "final_val": final, "wall_s": time.perf_counter() - t0}
-    print(f"wrote {write_result('real_groceries', result)}")
+    print(f"wrote {write_result(args.name, result)}")
     return 0
 
 
