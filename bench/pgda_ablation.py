@@ -319,19 +319,7 @@ def run_one(job: tuple) -> dict:
             out.update({f"{split}/{k}": v for k, v in m.items()})
     print(f"  [{bench} {row} s{seed}] -> target_test acc@0.5 {out['target_test/pg/acc@0.5']:.3f} "
           f"mIoU {out['target_test/pg/mIoU']:.3f} in {train_s / 60:.1f} min", flush=True)
-    return _to_host(out)
-
-
-def _to_host(obj):
-    """Tensors -> Python numbers / lists (NaN kept): a CUDA tensor in a result would initialise CUDA
-    in the parent when unpickled, and the workers the pool forks after that would fail."""
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.dim() == 0 else obj.detach().cpu().tolist()
-    return obj
+    return out
 
 
 # --------------------------------------------------------------------------- table
