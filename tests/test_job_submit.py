@@ -191,7 +191,9 @@ def test_ray_job_submit_pgda(ray_head, s3_endpoint, mlflow_server, pw_dataset, t
         "\n----\n".join("\n".join(b) for b in blocks)
     # no line-long dumps (Ray Train logged every report's whole metrics dict at INFO)
     assert "Reporting training result" not in logs
-    assert max(len(line) for line in logs.splitlines() if not line.startswith("Running entrypoint")) < 600
+    long_lines = [line for line in logs.splitlines() if not line.startswith("Running entrypoint") and len(line) >= 600]
+    assert max(len(line) for line in logs.splitlines() if not line.startswith("Running entrypoint")) < 600, \
+        "line-long output in the job's log:\n" + "\n".join(line[:1000] for line in long_lines[:5])
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     parent, children = pgda_runs(mlflow_server, "test-job")
