@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="adapt.* or loss.* override, e.g. --set adapt.keep_schedule=[0.2,0.4]")
+    ap.add_argument("--label-filter", choices=["none", "right"], default="none",
+                    help="diagnostic only: 'right' keeps just the kept pseudo boxes that are right at IoU 0.5 "
+                         "(reads the hidden target boxes): do right pseudo boxes help at all?")
+    ap.add_argument("--oracle-weights", choices=["source", "pseudo"], default="source",
+                    help="the oracle row's target-box weights: the source's (the ceiling) or the pseudo terms' "
+                         "(diagnostic: what the pseudo loss does with every target box right)")
     ap.add_argument("--name", default="pgda_ablation", help="result file name under bench/results/")
     ap.add_argument("--results-dir", default=None, help="write the result file here instead of bench/results/")
     ap.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
@@ -214,6 +220,15 @@ def batches(data: dict[str, np.ndarray], size: int, hide_boxes: bool = False):
 
 
 # --------------------------------------------------------------------------- one run
+def right_only(rnd) -> dict[str, np.ndarray]:
+    """Diagnostic: the round's pseudo-label rows whose box is right at IoU 0.5 against the hidden
+    target boxes (an oracle's selection; never a result row's labels)."""
+    right_keys = rnd.predictions[B.PAIR_KEY][rnd.best_iou() >= 0.5]
+    sel = np.isin(rnd.labels["pair_key"], right_keys)
+    print(f"  --label-filter right: {int(sel.sum())} of {sel.size} kept pseudo boxes are right", flush=True)
+    return {k: v[sel] for k, v in rnd.labels.items()}
+
+
 def round_bounds(steps: int, rounds: int, first_label: float) -> np.ndarray:
     """Step at which each round starts, plus ``steps``: ``[0, b1, ..., steps]``. Labelling a
     model that cannot yet ground the target gives noise, so round 0 (no pseudo boxes) runs
@@ -248,7 +263,7 @@ def row_config(row: str, args) -> tuple[dict, dict]:
                                       "parts": {"image": 1.0, "query": 1.0,
                                                 "conditional": 1.0 if "align_conditional" in align else 0.0}}
             weights["adversarial"] = w
-    if ROWS[row][4]:  # the oracle's target boxes are real labels: the source's weights
+    if ROWS[row][4] and args.oracle_weights == "source":  # real labels: the source's weights
         weights.update({f"pseudo_{t}": weights[t] for t in ("box_l1", "box_giou", "box_focus")})
     return weights, adapt
 
@@ -281,7 +296,7 @@ def run_one(job: tuple) -> dict:
             t_label = time.perf_counter()
             rnd = label_target_set(teacher.model, batches(data["target_train"], 64), views, r - 1, adapt,
                                    keep_annotations=True)
-            labels = rnd.labels
+            labels = rnd.labels if args.label_filter == "none" else right_only(rnd)
             by_signal = rnd.signal_precision(rnd.fraction, adapt)
             round_log.append({**rnd.summary(), "seconds": time.perf_counter() - t_label,
                               "precision_by_signal": by_signal})

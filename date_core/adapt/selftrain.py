@@ -59,7 +59,7 @@ class LabelRound:
             "reliability_kept_mean": float(self.reliability[self.keep].mean()) if self.keep.any() else float("nan"),
             "agreement_mean": float(self.predictions["agreement"].mean()) if n else float("nan"),
         }
-        iou = self._best_iou()
+        iou = self.best_iou()
         if iou is not None:
             has = self._has_box()
             kept = self.keep & has
@@ -85,7 +85,7 @@ class LabelRound:
         under ``centre/`` for the share whose box centre lies on a right product (what the
         patch-level pseudo-box term uses); ``{}`` without annotated pairs.
         """
-        iou = self._best_iou()
+        iou = self.best_iou()
         has = self._has_box()
         if iou is None or not has.any():
             return {}
@@ -125,7 +125,7 @@ class LabelRound:
         inside = (c[..., 0] >= xyxy[..., 0]) & (c[..., 0] <= xyxy[..., 2]) & (c[..., 1] >= xyxy[..., 1]) & (c[..., 1] <= xyxy[..., 3])
         return (inside & valid).any(dim=1).numpy()
 
-    def _best_iou(self) -> np.ndarray | None:
+    def best_iou(self) -> np.ndarray | None:
         """IoU of each pair's consensus box with its best hidden answer (``box`` or an
         ``alt_boxes`` entry) ``[N]``; ``None`` without hidden annotations."""
         p = self.predictions
