@@ -31,6 +31,9 @@ SUPERVISED_TERMS = ("retrieval", "box_l1", "box_giou", "confidence", "box_focus"
 PSEUDO_TERMS = ("pseudo_box_l1", "pseudo_box_giou", "pseudo_box_focus")
 ALIGNMENT_TERMS = ("align_marginal_image", "align_marginal_query", "align_conditional", "adversarial")
 LOSS_NAMES = SUPERVISED_TERMS + PSEUDO_TERMS + ALIGNMENT_TERMS
+#: what ``pseudo_box_focus`` puts the seeker's attention on: the pseudo box's patches, or only the
+#: patch at its centre (a teacher's box is more often centred on the product than right in extent)
+FOCUS_TARGETS = ("box", "centre")
 DEFAULT_WEIGHTS = {"retrieval": 1.0, "box_l1": 5.0, "box_giou": 2.0, "confidence": 1.0, "box_focus": 1.0,
                    "pseudo_box_l1": 0.0, "pseudo_box_giou": 0.0, "pseudo_box_focus": 0.5,
                    "align_marginal_image": 0.0, "align_marginal_query": 0.0,
@@ -104,8 +107,12 @@ class DateCriterion(nn.Module):
     (1 for annotations, the reliability for pseudo boxes), normalised by the number of boxes.
     """
 
-    def __init__(self, weights: Mapping[str, float] | None = None, gather: bool = True) -> None:
+    def __init__(self, weights: Mapping[str, float] | None = None, gather: bool = True,
+                 pseudo_focus: str = "box") -> None:
         super().__init__()
+        if pseudo_focus not in FOCUS_TARGETS:
+            raise ValueError(f"unknown pseudo focus target {pseudo_focus!r}; choose one of {FOCUS_TARGETS}")
+        self.pseudo_focus = pseudo_focus
         merged = dict(DEFAULT_WEIGHTS)
         for name, value in (weights or {}).items():
             if name not in LOSS_NAMES:
@@ -119,7 +126,8 @@ class DateCriterion(nn.Module):
         """Unweighted terms. ``pseudo=True`` (a target batch whose boxes are pseudo boxes):
         the box terms come back as ``pseudo_box_*`` and there is no ``confidence`` term."""
         terms = {"retrieval": self.retrieval_term(outputs, batch)}
-        boxes = self.box_terms(outputs, batch, focus_weight_name="pseudo_box_focus" if pseudo else "box_focus")
+        boxes = self.box_terms(outputs, batch, focus_weight_name="pseudo_box_focus" if pseudo else "box_focus",
+                               centre_only=pseudo and self.pseudo_focus == "centre")
         if pseudo:
             boxes.pop("confidence")
             boxes = {f"pseudo_{k}": v for k, v in boxes.items()}
@@ -132,7 +140,7 @@ class DateCriterion(nn.Module):
                         batch.get(B.ITEM_KEY), gather=self.gather)
 
     def box_terms(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
-                  focus_weight_name: str = "box_focus") -> dict[str, Tensor]:
+                  focus_weight_name: str = "box_focus", centre_only: bool = False) -> dict[str, Tensor]:
         pred = outputs["pred_boxes"].float()
         n = pred.shape[0]
         has_box = batch.get(B.HAS_BOX)
@@ -165,8 +173,8 @@ class DateCriterion(nn.Module):
                "box_giou": (weight * (1 - giou_best)).sum() / norm,
                "confidence": (weight * conf).sum() / norm}
         if focus_on:
-            focus = F.cross_entropy(outputs["patch_logits"].float(), focus_targets(target, outputs["patch_logits"].shape[1]),
-                                    reduction="none")
+            focus = F.cross_entropy(outputs["patch_logits"].float(),
+                                    focus_targets(target, outputs["patch_logits"].shape[1], centre_only), reduction="none")
             out["box_focus"] = (weight * focus).sum() / norm
         return out
 
@@ -195,16 +203,18 @@ class ContrastiveCriterion(DateCriterion):
         return {"retrieval": self.retrieval_term(outputs, batch)}
 
 
-def focus_targets(boxes_cxcywh: Tensor, n_patches: int) -> Tensor:
+def focus_targets(boxes_cxcywh: Tensor, n_patches: int, centre_only: bool = False) -> Tensor:
     """Where the grounding seeker should look: ``[B, N]`` probabilities spread evenly over the
     patches whose centres lie inside the target box (the patch holding the box centre when the
-    box is smaller than a patch)."""
+    box is smaller than a patch); ``centre_only``: all of it on the patch holding the centre."""
     grid = int(round(n_patches ** 0.5))
     idx = (torch.arange(grid, device=boxes_cxcywh.device, dtype=torch.float32) + 0.5) / grid
     cy, cx = torch.meshgrid(idx, idx, indexing="ij")
     cx, cy = cx.flatten()[None], cy.flatten()[None]
     x1, y1, x2, y2 = cxcywh_to_xyxy(boxes_cxcywh.float()).unbind(-1)
     inside = (cx >= x1[:, None]) & (cx <= x2[:, None]) & (cy >= y1[:, None]) & (cy <= y2[:, None])
+    if centre_only:
+        inside = torch.zeros_like(inside)
     col = (boxes_cxcywh[:, 0] * grid).long().clamp(0, grid - 1)
     row = (boxes_cxcywh[:, 1] * grid).long().clamp(0, grid - 1)
     inside[torch.arange(inside.shape[0], device=inside.device), row * grid + col] = True
@@ -217,6 +227,8 @@ def _opt(batch: Mapping[str, Tensor], key: str, device: torch.device) -> Tensor 
     return None if value is None else value.float().to(device)
 
 
-def build_criterion(loss_cfg: Mapping[str, float] | None = None, gather: bool = True) -> DateCriterion:
-    """The criterion from a config's ``loss:`` section (missing names keep their defaults)."""
-    return DateCriterion(loss_cfg, gather=gather)
+def build_criterion(loss_cfg: Mapping[str, float] | None = None, gather: bool = True,
+                    pseudo_focus: str = "box") -> DateCriterion:
+    """The criterion from a config's ``loss:`` section (missing names keep their defaults) and
+    ``adapt.pseudo_focus`` (``box`` | ``centre``: what the pseudo boxes' focus term targets)."""
+    return DateCriterion(loss_cfg, gather=gather, pseudo_focus=pseudo_focus)
