@@ -318,7 +318,7 @@ def run_one(job: tuple) -> dict:
                 tgt = hflip(tgt, rng)
             logs = adaptation_step(student, criterion, src, optimizer, scheduler, target_batch=tgt, aligner=aligner,
                                    teacher=teacher, progress=step / args.steps, device=device, autocast_dtype=amp,
-                                   zoom_out=zoom_settings(cfg_train))
+                                   zoom_out=zoom_settings(cfg_train), strong_aug=bool(adapt.get("strong_aug", False)))
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 m = evaluate(teacher.model, batches(data["target_test"], 64), device=device, autocast_dtype=amp)
                 curve.append({"step": step + 1, "acc@0.5": m["pg/acc@0.5"], "mIoU": m["pg/mIoU"]})

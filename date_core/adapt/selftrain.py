@@ -251,17 +251,25 @@ def adaptation_step(student: nn.Module, criterion, source_batch: Mapping[str, An
     ``train_kwargs`` go to :func:`date_core.engine.train_step` (``grad_accum``, ``micro_step``,
     ``device``, ``autocast_dtype``, ``max_grad_norm``), except ``zoom_out`` ({"range": [lo, hi],
     "prob": p} or None, from :func:`zoom_settings`): the scale augmentation of
-    :func:`~date_core.adapt.views.random_zoom_out` on both batches. Returns the step's logs
+    :func:`~date_core.adapt.views.random_zoom_out` on both batches, and ``strong_aug`` (bool,
+    ``adapt.strong_aug``): :func:`~date_core.adapt.strong.strong_augment` on the target batch's
+    pixels, the student's strong view of what the teacher labelled. Returns the step's logs
     (+ ``grl_coeff``).
     """
     from ..engine import train_step
     from .views import random_zoom_out
 
     zoom = train_kwargs.pop("zoom_out", None)
+    strong = bool(train_kwargs.pop("strong_aug", False))
     if zoom:  # scale augmentation of every batch that carries boxes (see random_zoom_out)
         source_batch = random_zoom_out(_tensors(source_batch), zoom["range"], zoom["prob"])
         if target_batch is not None:
             target_batch = random_zoom_out(_tensors(target_batch), zoom["range"], zoom["prob"])
+    if strong and target_batch is not None:
+        from .strong import strong_augment
+
+        target_batch = _tensors(target_batch)
+        target_batch[B.PIXEL_VALUES] = strong_augment(torch.as_tensor(target_batch[B.PIXEL_VALUES]).float())
     logs_extra: dict[str, float] = {}
     if aligner is not None and progress is not None:
         inner = getattr(aligner, "module", aligner)

@@ -208,6 +208,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                               target_batch=next(target_iter) if target_iter is not None else None,
                               aligner=aligner, teacher=teacher, progress=state["step"] / total_steps,
                               grad_accum=accum, micro_step=micro, zoom_out=zoom_settings(tcfg),
+                              strong_aug=bool(cfg["adapt"].get("strong_aug", False)),
                               autocast_dtype=autocast, device=device)
             micro += 1
             if micro == 1:  # throughput clock starts after the first batch (startup, warm-up)
