@@ -50,3 +50,14 @@ def test_adaptation_step_augments_only_the_target_batch(monkeypatch):
     assert not torch.allclose(seen["target"], torch.from_numpy(tgt[B.PIXEL_VALUES]))
     selftrain.adaptation_step(None, None, src, None, target_batch=tgt, strong_aug=False)
     assert np.array_equal(np.asarray(seen["target"]), tgt[B.PIXEL_VALUES])   # off: untouched
+
+
+def test_blur_keeps_the_mass_and_spreads_with_sigma():
+    from date_core.adapt.strong import _blur
+
+    delta = torch.zeros(2, 3, 33, 33)
+    delta[:, :, 16, 16] = 1.0
+    out = _blur(delta, torch.tensor([0.5, 2.0]))
+    assert torch.allclose(out.sum(dim=(2, 3)), torch.ones(2, 3), atol=1e-5)
+    assert out[0, 0, 16, 16] > 0.35 > out[1, 0, 16, 16]           # the larger sigma spreads more
+    assert out[1, 0, 16, 19] > out[0, 0, 16, 19]

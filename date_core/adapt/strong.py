@@ -55,14 +55,11 @@ def strong_augment(pixel_values: torch.Tensor, generator: torch.Generator | None
     # grayscale
     gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
     x = torch.where(per_sample(rand(n) < 0.2), gray.expand_as(x), x)
-    # Gaussian blur, a per-image sigma (a depthwise conv per image: the batch is small)
+    # Gaussian blur with a per-image sigma
     blur = rand(n) < 0.5
     sigma = 0.1 + rand(n) * 1.9
     if bool(blur.any()):
-        out = x.clone()
-        for i in torch.nonzero(blur).flatten().tolist():
-            out[i] = _blur(x[i:i + 1], float(sigma[i]))[0]
-        x = out
+        x = torch.where(per_sample(blur), _blur(x, sigma), x)
     # cutout: grey rectangles (the product may lose a part, never its box)
     for p in CUTOUT_PROBS:
         on = rand(n) < p
@@ -80,13 +77,15 @@ def strong_augment(pixel_values: torch.Tensor, generator: torch.Generator | None
     return ((x - mean) / std).to(dtype)
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[1, 3, H, W]`` with reflect padding."""
-    radius = max(1, int(round(2 * sigma)))
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, 3, H, W]``, image ``i`` with ``sigma[i]``, reflect padding:
+    one grouped convolution per axis (kernels of the largest sigma's radius, zero beyond their own)."""
+    n, c, h, w = x.shape
+    radius = max(1, int(round(2 * float(sigma.max()))))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    pad = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = F.conv2d(pad, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
-    pad = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(pad, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)            # [B*3, 2r+1]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c).view(n, c, h, w)
