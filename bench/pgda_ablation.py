@@ -281,7 +281,7 @@ def run_one(job: tuple) -> dict:
     weights, adapt = row_config(row, args)
     student = build_model(args.preset, vocab_size=vocab, max_text_len=max_len).to(device)
     aligner = build_aligner_for_model(adapt, student).to(device) if align else None
-    criterion = build_criterion(weights, gather=False, pseudo_focus=adapt.get("pseudo_focus", "box"))
+    criterion = build_criterion(weights, gather=False, pseudo_focus=adapt.get("pseudo_focus", "centre"))
     cfg_train = {**default_config()["train"], "lr": args.lr}  # encoder_lr_mult, zoom_out: as the pipeline
     optimizer = build_optimizer(student, cfg_train, extra_modules=[aligner] if aligner is not None else [])
     scheduler = build_scheduler(optimizer, warmup_steps=max(1, args.steps // 20), total_steps=args.steps,

@@ -108,7 +108,7 @@ class DateCriterion(nn.Module):
     """
 
     def __init__(self, weights: Mapping[str, float] | None = None, gather: bool = True,
-                 pseudo_focus: str = "box") -> None:
+                 pseudo_focus: str = "centre") -> None:
         super().__init__()
         if pseudo_focus not in FOCUS_TARGETS:
             raise ValueError(f"unknown pseudo focus target {pseudo_focus!r}; choose one of {FOCUS_TARGETS}")
@@ -228,7 +228,7 @@ def _opt(batch: Mapping[str, Tensor], key: str, device: torch.device) -> Tensor 
 
 
 def build_criterion(loss_cfg: Mapping[str, float] | None = None, gather: bool = True,
-                    pseudo_focus: str = "box") -> DateCriterion:
+                    pseudo_focus: str = "centre") -> DateCriterion:
     """The criterion from a config's ``loss:`` section (missing names keep their defaults) and
     ``adapt.pseudo_focus`` (``box`` | ``centre``: what the pseudo boxes' focus term targets)."""
     return DateCriterion(loss_cfg, gather=gather, pseudo_focus=pseudo_focus)

@@ -165,14 +165,14 @@ def test_box_focus_term_pulls_attention_to_the_target():
     assert bool((logits.grad[0, inside] < 0).all()) and bool((logits.grad[0, ~inside] > 0).all())
 
 
-def test_centre_pseudo_focus_targets_only_the_centre_patch_and_only_for_pseudo_boxes():
+def test_pseudo_focus_targets_only_the_centre_patch_by_default_and_only_for_pseudo_boxes():
     box = torch.tensor([[0.5, 0.25, 0.4, 0.5]])                # centre (0.5, 0.25): patch row 1, column 2
     t = focus_targets(box, 16, centre_only=True)[0].view(4, 4)
     assert float(t[1, 2]) == 1.0 and float(t.sum()) == 1.0
     logits = torch.randn(1, 16)
     out = _outputs(torch.tensor([[0.5, 0.5, 0.2, 0.2]]))
     out["patch_logits"] = logits
-    centre, whole = DateCriterion(pseudo_focus="centre"), DateCriterion()
+    centre, whole = DateCriterion(), DateCriterion(pseudo_focus="box")
     ce_centre = float(torch.nn.functional.cross_entropy(logits, torch.tensor([1 * 4 + 2])))
     assert float(centre(out, _batch(box), pseudo=True)["pseudo_box_focus"]) == pytest.approx(ce_centre)
     assert float(whole(out, _batch(box), pseudo=True)["pseudo_box_focus"]) != pytest.approx(ce_centre)

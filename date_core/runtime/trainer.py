@@ -130,7 +130,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         model = init_model(cfg, loop_cfg["vocab_size"], loop_cfg.get("init_weights"),
                            (loop_cfg.get("mlflow") or {}).get("uri"))
     tokenizer = load_tokenizer(loop_cfg["tokenizer"])
-    criterion = build_criterion(cfg["loss"], pseudo_focus=cfg["adapt"].get("pseudo_focus", "box"))
+    criterion = build_criterion(cfg["loss"], pseudo_focus=cfg["adapt"].get("pseudo_focus", "centre"))
     aligner = None
     if "target" in counts and loop_cfg.get("align", False):
         from date_core.adapt import build_aligner
