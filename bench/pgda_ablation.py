@@ -390,9 +390,11 @@ def merge(args) -> dict:
     """One result from files whose runs differ only in rows or benchmarks (parallel processes)."""
     parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
     ignore = ("rows", "benchmarks", "name", "merge", "jobs", "threads", "seeds", "seed_list", "results_dir")
-    same = {k: v for k, v in parts[0]["args"].items() if k not in ignore}
+    # a setting a file lacks (it predates the flag) had the flag's default
+    defaults = vars(parse_args([]))
+    same = {k: parts[0]["args"].get(k, v) for k, v in defaults.items() if k not in ignore}
     for f, part in zip(args.merge, parts):
-        diff = sorted(k for k, v in part["args"].items() if k not in ignore and same.get(k) != v)
+        diff = sorted(k for k, v in same.items() if part["args"].get(k, defaults[k]) != v)
         if diff:
             raise SystemExit(f"{f}: settings differ from {args.merge[0]} in {diff}; not merged")
     results = [r for part in parts for r in part["runs"]]
