@@ -29,6 +29,10 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
     # Ray Train re-routes a worker's print() through its logger and also to stdout, so every
     # progress line of the training loop reached the driver twice.
     env_vars["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray's deprecation notices about its own internals (Ray Train's dataset manager passes
+    # ExecutionOptions.exclude_resources) reached the job's terminal from every worker; they are
+    # for Ray's developers, and a job can do nothing about them.
+    env_vars["PYTHONWARNINGS"] = os.environ.get("PYTHONWARNINGS", "ignore::DeprecationWarning")
     # Under `ray job submit` the job's runtime env already reaches every worker, and ray.init
     # refuses (ValueError) to set one of its fields or variables a second time, even to the
     # same value.
