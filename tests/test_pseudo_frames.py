@@ -119,6 +119,9 @@ def test_ray_path_parquet_join_redecode_flip_zoom_keeps_box_and_pixels_together(
     lookup = {pid: (box, w) for pid, box, w in zip(table["pair_id"].to_pylist(), table["box"].to_pylist(),
                                                   table["box_weight"].to_pylist())}
     hidden = {k: v for k, v in rows.items() if k != "box"}  # as target_with_pseudo reads them
+    joined = _join_pseudo(dict(hidden), {k: v for k, v in lookup.items() if k != "p3"})  # p3: not kept
+    assert joined["box"].dtype == np.float32 and np.isnan(joined["box"][3]).all()
+    assert BatchTransform(tok, S, L, train=False)(joined)[B.HAS_BOX].tolist() == [1.0] * 3 + [0.0] + [1.0] * 4
     joined = _join_pseudo(hidden, lookup)
     train = BatchTransform(tok, S, L, train=True, hflip_prob=0.5, jitter=0.0, seed=3)(joined)
     assert train[B.HAS_BOX].sum() == len(rows["pair_id"])

@@ -159,7 +159,13 @@ def _join_pseudo(rows: dict[str, np.ndarray], lookup) -> dict[str, np.ndarray]:
     if isinstance(lookup, ray.ObjectRef):  # shipped once through the object store
         lookup = ray.get(lookup)
     hits = [lookup.get(str(pid)) for pid in rows["pair_id"]]
-    rows["box"] = np.asarray([None if h is None else np.asarray(h[0], np.float32) for h in hits] + [None],
-                             dtype=object)[:-1]
+    # a float [n, 4] column, NaN where a pair has no pseudo box (the transform reads NaN as none):
+    # an object column of arrays and Nones made Ray Data fall back to pickling, with a warning
+    # on the job's terminal for every block
+    boxes = np.full((len(hits), 4), np.nan, np.float32)
+    for i, h in enumerate(hits):
+        if h is not None:
+            boxes[i] = np.asarray(h[0], np.float32)
+    rows["box"] = boxes
     rows["box_weight"] = np.asarray([0.0 if h is None else float(h[1]) for h in hits], np.float32)
     return rows

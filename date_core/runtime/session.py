@@ -20,6 +20,7 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
     # Ray Data's live progress bars turn logs of non-interactive jobs into megabytes of noise.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars of every worker
+    os.environ.setdefault("RAY_verbose_spill_logs", "0")  # the raylet's "Spilled N MiB" lines (still in its log)
     quiet_worker()  # this driver too: ray.data may have been imported before the variables were set
     ray.data.DataContext.get_current().enable_progress_bars = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] != "1"
     # RAY_DATA_LOGGING_CONFIG names a file on this machine: each worker's setup hook writes its own
