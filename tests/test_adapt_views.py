@@ -76,8 +76,10 @@ def test_identity_and_flip_are_lossless_on_pixels():
     x = torch.randn(2, 3, S, S)
     assert torch.equal(build_view("identity").apply(x), x)
     assert torch.equal(build_view("hflip").apply(build_view("hflip").apply(x)), x)
-    # A sub-pixel-free affine view (zoom 1, no shift) resamples to the same pixels.
-    assert torch.allclose(build_view("scale_1").apply(x), x, atol=1e-5)
+    # A sub-pixel-free affine view (zoom 1, no shift) resamples to the same pixels, up to the
+    # rounding of affine_grid's coordinates: with one torch thread its matmul rounds differently,
+    # and N(0, 1) pixels 64 apart then move by up to ~2e-5 (with two threads ~2e-7).
+    assert torch.allclose(build_view("scale_1").apply(x), x, atol=1e-4)
 
 
 def test_view_names_are_validated():
