@@ -123,8 +123,7 @@ def run(name: str, preset: str, overrides: dict, weights: dict, train, val, tok,
     while train_s < args.minutes * 60 and step < stop:
         for batch in batches(train, args.batch_size, rng):
             t0 = time.perf_counter()
-            adaptation_step(model, crit, batch, opt, sched, max_grad_norm=args.clip, zoom_out=zoom,
-                            autocast_dtype=torch.bfloat16 if args.bf16 else None)
+            adaptation_step(model, crit, batch, opt, sched, max_grad_norm=args.clip, zoom_out=zoom)
             train_s += time.perf_counter() - t0
             step += 1
             by_steps = args.eval_every_steps and step % args.eval_every_steps == 0
@@ -167,8 +166,6 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="model override key=value (YAML value)")
     ap.add_argument("--variants", default="lite,tiny", help=f"comma-separated, of {sorted(VARIANTS)}")
     ap.add_argument("--no-zoom", action="store_true", help="without the default train.zoom_out augmentation")
-    ap.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (fast on CPUs with AMX); "
-                    "evaluation stays float32")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--name", default="learning_curve", help="result file bench/results/<name>.json")
     args = ap.parse_args()
