@@ -49,12 +49,11 @@ def strong_augment(pixel_values: torch.Tensor, generator: torch.Generator | None
     sat = per_sample(1 + (rand(n) * 2 - 1) * 0.4)
     y = (x * bright).clamp(0, 1)
     y = ((y - y.mean(dim=(1, 2, 3), keepdim=True)) * contrast + y.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
-    g = 0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]
+    g = _luma(y)
     y = ((y - g) * sat + g).clamp(0, 1)
     x = torch.where(jitter, y, x)
     # grayscale
-    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    x = torch.where(per_sample(rand(n) < 0.2), gray.expand_as(x), x)
+    x = torch.where(per_sample(rand(n) < 0.2), _luma(x).expand_as(x), x)
     # Gaussian blur with a per-image sigma
     blur = rand(n) < 0.5
     sigma = 0.1 + rand(n) * 1.9
@@ -75,6 +74,11 @@ def strong_augment(pixel_values: torch.Tensor, generator: torch.Generator | None
                & (cols >= x0.view(n, 1, 1)) & (cols < (x0 + cw).view(n, 1, 1)) & on.view(n, 1, 1))
         x = torch.where(box[:, None], torch.full_like(x, 0.5), x)
     return ((x - mean) / std).to(dtype)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of ``[B, 3, H, W]`` RGB -> ``[B, 1, H, W]``."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
