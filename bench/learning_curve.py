@@ -3,6 +3,7 @@ optimiser steps on ProductWorld ``mall`` rows, single process on the CPU.
 
     python bench/learning_curve.py                            # lite (pretrained) beside tiny (from scratch), 10 min each
     python bench/learning_curve.py --variants lite            # any of: lite, tiny, no-focus, hybrid
+    python bench/learning_curve.py --variants lite --precision bf16 --planned-steps 1200   # bf16 autocast
 
 Rows are rendered by ``date_core.data.productworld``, turned into batches by the data layer's
 ``BatchTransform`` (letterbox at the preset's image size; the pretrained text encoder's own
@@ -33,7 +34,7 @@ from _common import hardware_string, markdown_table, write_result  # noqa: E402
 from date_core import build_model  # noqa: E402
 from date_core.adapt import adaptation_step, zoom_settings  # noqa: E402
 from date_core.config import default_config  # noqa: E402
-from date_core.engine import build_optimizer, build_scheduler, evaluate  # noqa: E402
+from date_core.engine import PRECISIONS, autocast_dtype, build_optimizer, build_scheduler, evaluate  # noqa: E402
 from date_core.losses import DateCriterion  # noqa: E402
 
 WORK = ROOT / "bench" / "_work"
@@ -117,13 +118,15 @@ def run(name: str, preset: str, overrides: dict, weights: dict, train, val, tok,
     rng = np.random.default_rng(args.seed)
     # the training step train.py runs: the default config's scale augmentation unless --no-zoom
     zoom = None if args.no_zoom else zoom_settings(default_config()["train"])
+    amp = autocast_dtype("cpu", args.precision)  # train.precision on this CPU (evaluation stays float32)
     curve, step, train_s = [], 0, 0.0
     next_eval = 0.0
     stop = min(args.planned_steps, args.stop_at_step or args.planned_steps)
     while train_s < args.minutes * 60 and step < stop:
         for batch in batches(train, args.batch_size, rng):
             t0 = time.perf_counter()
-            adaptation_step(model, crit, batch, opt, sched, max_grad_norm=args.clip, zoom_out=zoom)
+            adaptation_step(model, crit, batch, opt, sched, max_grad_norm=args.clip, zoom_out=zoom,
+                            autocast_dtype=amp)
             train_s += time.perf_counter() - t0
             step += 1
             by_steps = args.eval_every_steps and step % args.eval_every_steps == 0
@@ -139,9 +142,9 @@ def run(name: str, preset: str, overrides: dict, weights: dict, train, val, tok,
                 break
     pairs_s = step * args.batch_size / train_s
     print(f"{name}: {n_params / 1e6:.2f} M parameters ({n_trainable / 1e6:.2f} M trained), {step} steps, "
-          f"{pairs_s:.1f} pairs/s")
+          f"{pairs_s:.1f} pairs/s ({'bf16 autocast' if amp is not None else 'float32'})")
     return {"preset": preset, "curve": curve, "params_M": n_params / 1e6, "trainable_M": n_trainable / 1e6,
-            "steps": step, "train_s": train_s,
+            "steps": step, "train_s": train_s, "precision": "bf16" if amp is not None else "fp32",
             "pairs_per_s": pairs_s, "overrides": overrides, "loss_weights": weights}
 
 
@@ -162,6 +165,9 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=24)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (train_step's max_grad_norm)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="train.precision of the training step (auto = float32 on a CPU; bf16 pays off where "
+                         "the CPU has AMX)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="model override key=value (YAML value)")
     ap.add_argument("--variants", default="lite,tiny", help=f"comma-separated, of {sorted(VARIANTS)}")
@@ -195,7 +201,7 @@ def main() -> None:
     if not args.no_write:
         path = write_result(args.name, {
             "what": "val acc@0.5 / mIoU / R@1 vs training wall-clock (evaluation excluded) and steps, "
-                    "ProductWorld mall, single process, CPU",
+                    f"ProductWorld mall, single process, CPU, train.precision {args.precision}",
             "settings": dict(vars(args)), "overrides": overrides, "runs": runs,
             "load_average_1_5_15_at_end": load, "hardware_note": hardware_string()})
         print(f"wrote {path}")

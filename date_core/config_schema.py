@@ -89,6 +89,8 @@ _TRAIN = {
     "checkpoint_every": Key(int, "optimiser steps between checkpoints (also one per epoch end)"),
     "seed": Key(int, "random seed"),
     "log_every": Key(int, "steps between progress lines and metric logs"),
+    "precision": Key(Literal["auto", "bf16", "fp32"], "autocast: auto = bf16 on a GPU, float32 on a CPU; "
+                     "bf16 = also on a CPU (faster where it has AMX); fp32 = never"),
 }
 
 SCHEMA = Section({

@@ -97,6 +97,44 @@ def _forward(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]
     return model(batch[B.PIXEL_VALUES], batch[B.INPUT_IDS], batch[B.ATTENTION_MASK])
 
 
+#: ``train.precision`` values: ``auto`` = bf16 autocast on a GPU, float32 on a CPU; ``bf16`` = bf16
+#: autocast on either; ``fp32`` = never. Master weights and optimiser state stay float32 always.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (``amx_bf16`` or ``avx512_bf16`` in
+    ``/proc/cpuinfo``'s flags). Without either, oneDNN emulates bf16 and it runs slower than float32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def autocast_dtype(device: str | torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a training step on ``device`` under ``train.precision`` (see
+    :data:`PRECISIONS`): ``torch.bfloat16`` or None (float32). ``bf16`` on a CPU without native
+    bf16 still runs bf16 (it was asked for) but warns that it will be slower than float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown train.precision {precision!r}; choose one of {PRECISIONS}")
+    kind = torch.device(device).type
+    if precision == "fp32" or (precision == "auto" and kind != "cuda"):
+        return None
+    if kind == "cpu" and not cpu_has_native_bf16():
+        import warnings
+
+        warnings.warn("train.precision=bf16 on a CPU without AMX-BF16 or AVX512-BF16: bfloat16 is emulated "
+                      "there and runs slower than float32", RuntimeWarning, stacklevel=2)
+    return torch.bfloat16
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

@@ -2,6 +2,7 @@
 optimiser and scheduler, evaluate on numpy batches, fit."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -10,7 +11,8 @@ import torch
 
 from date_core import batch as B
 from date_core import build_model
-from date_core.engine import build_optimizer, build_scheduler, evaluate, fit, train_step
+from date_core.engine import (autocast_dtype, build_optimizer, build_scheduler, cpu_has_native_bf16, evaluate, fit,
+                              train_step)
 from date_core.losses import DateCriterion
 
 from _model_synth import overfit_pairs, random_scene_rows, rows_to_batch, tokenizer_for
@@ -145,3 +147,34 @@ def test_fit_runs_steps_and_evaluates(data):
     assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]
     assert [h["step"] for h in evals] == [3, 6]
     assert all(math.isfinite(h["loss/total"]) for h in steps)
+
+
+def test_precision_resolves_per_device_and_reads_the_cpu_flags():
+    assert autocast_dtype("cuda", "auto") is torch.bfloat16   # a GPU trains in bf16 by default
+    assert autocast_dtype("cpu", "auto") is None              # a CPU in float32 unless asked
+    assert autocast_dtype("cuda", "fp32") is None and autocast_dtype("cpu", "fp32") is None
+    with pytest.raises(ValueError, match="train.precision"):
+        autocast_dtype("cpu", "fp16")
+    assert cpu_has_native_bf16("processor: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16("flags : fpu avx512_bf16")
+    assert not cpu_has_native_bf16("flags : fpu sse avx2 avx512f\nbugs : amx_bf16")  # flags lines only
+
+
+def test_a_bf16_cpu_step_keeps_float32_weights_and_tracks_the_float32_step(data):
+    tok, src = data
+    logs, params = {}, {}
+    for name in ("fp32", "bf16"):
+        model = _model(tok)
+        opt = build_optimizer(model, {"lr": 1e-3})
+        with pytest.warns(RuntimeWarning) if name == "bf16" and not cpu_has_native_bf16() else contextlib.nullcontext():
+            dtype = autocast_dtype("cpu", name)
+        logs[name] = train_step(model, DateCriterion({}), src, opt, autocast_dtype=dtype)
+        params[name] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params["bf16"])  # master weights stay float32
+    # the same init and batch: bf16's loss is float32's up to bf16 rounding, and the update moves
+    # the weights the same way (cosine of the two updates from the shared init)
+    assert logs["bf16"]["loss/total"] == pytest.approx(logs["fp32"]["loss/total"], rel=0.05)
+    init = [p.detach() for p in _model(tok).parameters() if p.requires_grad]
+    d32 = torch.cat([(a - b).flatten() for a, b in zip(params["fp32"], init)])
+    d16 = torch.cat([(a - b).flatten() for a, b in zip(params["bf16"], init)])
+    assert torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.9

