@@ -333,7 +333,8 @@ def run_one(job: tuple) -> dict:
             m = evaluate(teacher.model, batches(data[split], 64), device=device, autocast_dtype=amp)
             out.update({f"{split}/{k}": v for k, v in m.items()})
     print(f"  [{bench} {row} s{seed}] -> target_test acc@0.5 {out['target_test/pg/acc@0.5']:.3f} "
-          f"mIoU {out['target_test/pg/mIoU']:.3f} in {train_s / 60:.1f} min", flush=True)
+          f"mIoU {out['target_test/pg/mIoU']:.3f} area ratio {out['target_test/pg/area_ratio']:.2f} "
+          f"in {train_s / 60:.1f} min", flush=True)
     return out
 
 

@@ -138,7 +138,9 @@ def dedupe_gallery(image_emb, image_key, item_key) -> tuple[Tensor, Tensor, Tens
 
 def grounding_metrics(pred_boxes, boxes, alt_boxes=None, alt_mask=None,
                       thresholds: Sequence[float] = PG_THRESHOLDS) -> dict[str, float]:
-    """``pg/mIoU`` and ``pg/acc@t`` for predictions vs answers, all ``cxcywh`` (any one frame).
+    """``pg/mIoU`` and ``pg/acc@t`` for predictions vs answers, all ``cxcywh`` (any one frame),
+    and ``pg/area_ratio``: the geometric mean over pairs of predicted / target box area (1 =
+    sizes right on average; a diagnostic of a size shift between domains, not a score).
 
     ``pred_boxes, boxes [B, 4]``, ``alt_boxes [B, M, 4]``, ``alt_mask [B, M]``.
     """
@@ -148,7 +150,10 @@ def grounding_metrics(pred_boxes, boxes, alt_boxes=None, alt_mask=None,
     out = {"pg/n_boxes": float(pred.shape[0])}
     if pred.shape[0] == 0:
         out.update({name: float("nan") for name in PG_NAMES})
+        out["pg/area_ratio"] = float("nan")
         return out
+    area = lambda b: (b[:, 2] * b[:, 3]).clamp_min(1e-8)  # noqa: E731 (cxcywh: w * h)
+    out["pg/area_ratio"] = float(torch.log(area(pred) / area(gt)).mean().exp())
     alt = None if alt_boxes is None else _t(alt_boxes, torch.float32)
     mask = None if alt_mask is None else _t(alt_mask).bool()
     iou, _ = best_match_iou(pred, gt, alt, mask)

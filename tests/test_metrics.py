@@ -118,6 +118,11 @@ def test_grounding_hand_computed_with_alt_boxes_and_threshold_boundary():
     assert m["pg/acc@0.3"] == pytest.approx(4 / 5)
     assert m["pg/acc@0.5"] == pytest.approx(3 / 5)   # 0.5 itself counts
     assert m["pg/acc@0.7"] == pytest.approx(2 / 5)
+    # sizes: only the third prediction is off (half the target's area) -> geometric mean 0.5^(1/5)
+    assert m["pg/area_ratio"] == pytest.approx(0.5 ** 0.2, rel=1e-5)
+    shrunk = gt.clone()
+    shrunk[:, 2:] *= 0.5   # every box at half width and height, wherever it is: a quarter of the area
+    assert grounding_metrics(shrunk, gt)["pg/area_ratio"] == pytest.approx(0.25, rel=1e-5)
     # numpy in, same answer; and no alt boxes at all
     assert grounding_metrics(pred.numpy(), gt.numpy(), alt.numpy(), mask.numpy()) == m
     assert grounding_metrics(pred, gt)["pg/acc@0.5"] == pytest.approx(2 / 5)
