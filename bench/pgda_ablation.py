@@ -59,7 +59,7 @@ from date_core.adapt import (EMATeacher, adaptation_step, attach_pseudo_boxes, b
 from date_core.config import default_config  # noqa: E402
 from date_core.data.io import to_numpy_batch  # noqa: E402
 from date_core.data.transforms import BatchTransform  # noqa: E402
-from date_core.engine import build_optimizer, build_scheduler, evaluate  # noqa: E402
+from date_core.engine import autocast_dtype, build_optimizer, build_scheduler, evaluate  # noqa: E402
 from date_core.losses import build_criterion  # noqa: E402
 from date_core.model import pretrained_tokenizer_dir, resolve_model_config  # noqa: E402
 from date_core.text import load_tokenizer, train_wordpiece  # noqa: E402
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (learning curve)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast: train.precision bf16 (else fp32)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (each --threads threads)")
     ap.add_argument("--preset", default="lite")
@@ -275,7 +275,8 @@ def run_one(job: tuple) -> dict:
         torch.set_num_threads(args.threads)
     _, use_target, align, pseudo, oracle = ROWS[row]
     device = torch.device(args.device)
-    amp = torch.bfloat16 if args.amp else None
+    # the trainer's precision rule (it warns where a CPU would emulate bf16)
+    amp = autocast_dtype(device, "bf16" if args.amp else "fp32")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     weights, adapt = row_config(row, args)

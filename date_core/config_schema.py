@@ -141,6 +141,7 @@ SCHEMA = Section({
         "token_pooling": Key(Literal["flatten", "mean", "tokens"], "how the aligner pools semantic tokens"),
         "conditional": Key(Literal["joint", "fused"], "MMD conditional alignment: joint (features, boxes) or fused"),
         "conditional_detach_boxes": Key(bool, "no gradient through the boxes of conditional alignment"),
+        "size_reweight": Key(bool, "MMD aligner: weight source pairs to the target's (predicted) box sizes"),
         "mmd": Section({"multipliers": Key(list[float], "kernel bandwidth multipliers"),
                         "estimator": Key(Literal["unbiased", "biased"], "MMD estimator")}, "MK-MMD aligner"),
         "discriminator": Section({

@@ -121,3 +121,37 @@ def test_aligner_on_the_real_tiny_model_trains_the_model(kind):
     sum(losses.values()).backward()
     grads = [p.grad for p in model.image_aggregator.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def _sized_outputs(areas: list[float], seed: int) -> dict:
+    # fused carries the box size (as the seeker's size head reads it); everything else is one
+    # distribution in both domains
+    out = _outputs(len(areas), 0.0, seed)
+    side = torch.tensor(areas).sqrt()
+    out["pred_boxes"] = torch.stack([torch.full_like(side, 0.5), torch.full_like(side, 0.5), side, side], dim=1)
+    out["fused"] = out["fused"] * 0.3
+    out["fused"][:, 0] = 4.0 * side.log()
+    out["image_tokens"] = out["image_tokens"] * 0.3
+    out["image_tokens"][:, :, 0] = 4.0 * side.log()[:, None]
+    return out
+
+
+@pytest.mark.parametrize("conditional", ["joint", "fused"])
+def test_size_reweight_leaves_a_pure_size_shift_unaligned(conditional):
+    # source products come in two sizes, the target's only in the small one: the only shift
+    # is the size distribution, which plain alignment would close by moving target sizes
+    src = _sized_outputs([0.03] * 24 + [0.2] * 24, seed=1)
+    tgt = _sized_outputs([0.03] * 32, seed=2)
+    plain = _mmd_aligner(conditional=conditional)(src, tgt)
+    aligner = _mmd_aligner(conditional=conditional, size_reweight=True)
+    weighted = aligner(src, tgt)
+    for term in (CONDITIONAL, MARGINAL_IMAGE):
+        assert float(plain[term]) > 0.05, (term, plain)
+        assert float(weighted[term]) < 0.25 * float(plain[term]), (term, plain, weighted)
+    assert float(weighted[MARGINAL_QUERY]) == pytest.approx(float(plain[MARGINAL_QUERY]))  # queries have no size
+    assert 10 < aligner.last_stats["size_weight_ess"] < 48                # about the 24 small ones
+
+
+def test_size_reweight_is_mmd_only():
+    with pytest.raises(ValueError, match="size_reweight"):
+        build_aligner({"aligner": "adversarial", "size_reweight": True}, token_dim=8, num_tokens=4, fused_dim=8)

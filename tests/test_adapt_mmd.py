@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from date_core.adapt.mmd import gaussian_kernel_matrix, joint_mk_mmd, mk_mmd
+from date_core.adapt.mmd import gaussian_kernel_matrix, joint_mk_mmd, mk_mmd, mmd_from_kernel, size_shift_weights
 
 
 def _gauss(n: int, dim: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -97,3 +97,55 @@ def test_mmd_stays_float32_under_autocast():
         amp = mk_mmd(x, y)
     assert amp.dtype == torch.float32
     assert torch.allclose(amp, ref, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- weighted MMD
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+def test_equal_source_weights_change_nothing(estimator):
+    s, t = _gauss(24, 6, 1), _gauss(20, 6, 2, 0.5)
+    plain = mk_mmd(s, t, estimator=estimator)
+    weighted = mk_mmd(s, t, estimator=estimator, source_weights=torch.full((24,), 3.0))
+    assert float(weighted) == pytest.approx(float(plain), rel=1e-5, abs=1e-7)
+
+
+def test_integer_weights_equal_repeating_samples_in_the_v_statistic():
+    # weight 2 on a source sample = that sample twice (same kernel matrix, so the same bandwidth)
+    s, t = _gauss(5, 4, 3), _gauss(6, 4, 4, 1.0)
+    z_rep = torch.cat([s, s[:2], t])                                    # samples 0 and 1 twice
+    k_rep = gaussian_kernel_matrix(z_rep)
+    keep = torch.tensor([0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 12])          # the rows of s and t once
+    w = torch.tensor([2.0, 2.0, 1.0, 1.0, 1.0])
+    weighted = mmd_from_kernel(k_rep[keep][:, keep], 5, "biased", source_weights=w)
+    repeated = mmd_from_kernel(k_rep, 7, "biased")
+    assert float(weighted) == pytest.approx(float(repeated), rel=1e-5)
+
+
+def test_weights_on_the_matching_part_of_the_source_remove_the_discrepancy():
+    # source = half like the target, half shifted far away; weights on the first half make the
+    # weighted source the target's distribution
+    near, far, t = _gauss(40, 4, 5), _gauss(40, 4, 6, 4.0), _gauss(40, 4, 7)
+    s = torch.cat([near, far])
+    w = torch.cat([torch.ones(40), torch.zeros(40)])
+    plain = float(mk_mmd(s, t))
+    weighted = float(mk_mmd(s, t, source_weights=w))
+    assert plain > 0.1 and abs(weighted) < 0.2 * plain, (plain, weighted)
+    with pytest.raises(ValueError, match="non-negative"):
+        mk_mmd(s, t, source_weights=-w)
+
+
+def _boxes(areas: list[float]) -> torch.Tensor:
+    side = torch.tensor(areas).sqrt()
+    return torch.stack([torch.full_like(side, 0.5), torch.full_like(side, 0.5), side, side], dim=1)
+
+
+def test_size_shift_weights_give_the_source_the_targets_sizes():
+    src = _boxes([0.04] * 8 + [0.16] * 8)       # half small, half large products
+    tgt = _boxes([0.04] * 10)                   # the target: small ones only
+    w = size_shift_weights(src, tgt)
+    assert w.shape == (16,) and not w.requires_grad
+    assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float(w[:8].min()) > 5 * float(w[8:].max())                 # small source boxes count
+    assert float(w.max() / w.min()) <= 10.0 + 1e-4                     # clipped: max_weight
+    # one size in both domains: equal weights
+    same = size_shift_weights(_boxes([0.1] * 6), _boxes([0.1] * 4))
+    assert torch.allclose(same, torch.ones(6))

@@ -28,6 +28,11 @@ Design choices (config keys under ``adapt``):
   does not. ``conditional_detach_boxes: true`` (default, as CDAN's reference code) conditions
   on the prediction without pushing target boxes towards the source box statistics.
   ``conditional: fused`` is the plain MMD of ``fused``.
+* ``size_reweight: true`` (MMD only; off by default) weights the source pairs of the image and
+  conditional terms by :func:`~date_core.adapt.mmd.size_shift_weights`, the density ratio of
+  the (predicted) box's log area, so that they are compared with source pairs of the target's
+  box sizes. Without it, matching ``fused`` (which also sets the size) pulls small target
+  products' boxes to source sizes (measured in BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .grl import grad_reverse, grl_coefficient
-from .mmd import DEFAULT_MULTIPLIERS, ESTIMATORS, joint_mk_mmd, mk_mmd
+from .mmd import DEFAULT_MULTIPLIERS, ESTIMATORS, joint_mk_mmd, mk_mmd, size_shift_weights
 
 MARGINAL_IMAGE = "align_marginal_image"
 MARGINAL_QUERY = "align_marginal_query"
@@ -116,7 +121,7 @@ class MMDAligner(DomainAligner):
 
     def __init__(self, token_pooling: str = "flatten", multipliers=DEFAULT_MULTIPLIERS,
                  estimator: str = "unbiased", conditional: str = "joint",
-                 conditional_detach_boxes: bool = True) -> None:
+                 conditional_detach_boxes: bool = True, size_reweight: bool = False) -> None:
         super().__init__(token_pooling)
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown MMD estimator {estimator!r}; choose one of {ESTIMATORS}")
@@ -128,32 +133,41 @@ class MMDAligner(DomainAligner):
         self.estimator = estimator
         self.conditional = conditional
         self.conditional_detach_boxes = bool(conditional_detach_boxes)
+        self.size_reweight = bool(size_reweight)
 
-    def _mmd(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _mmd(self, s: torch.Tensor, t: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         if s.shape[0] < 2 or t.shape[0] < 2:
             return _zero_like_graph(s, t)
-        return mk_mmd(s, t, self.multipliers, self.estimator)
+        return mk_mmd(s, t, self.multipliers, self.estimator, weights)
 
     def forward(self, src_out: Mapping[str, torch.Tensor], tgt_out: Mapping[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
         """Returns ``{align_marginal_image, align_marginal_query, align_conditional}`` (scalars, ``MMD^2``)."""
         self._check(src_out, tgt_out)
         p = self.token_pooling
+        w = None
+        if self.size_reweight and src_out["pred_boxes"].shape[0] >= 2 and tgt_out["pred_boxes"].shape[0] >= 2:
+            w = size_shift_weights(src_out["pred_boxes"], tgt_out["pred_boxes"])
         losses = {
-            MARGINAL_IMAGE: self._mmd(pool_tokens(src_out["image_tokens"], p), pool_tokens(tgt_out["image_tokens"], p)),
+            # the image term is per pair, like the boxes that weight it; queries carry no size
+            MARGINAL_IMAGE: self._mmd(pool_tokens(src_out["image_tokens"], p), pool_tokens(tgt_out["image_tokens"], p),
+                                      w),
             MARGINAL_QUERY: self._mmd(pool_tokens(src_out["query_tokens"], p), pool_tokens(tgt_out["query_tokens"], p)),
         }
         fs, ft = src_out["fused"], tgt_out["fused"]
         if self.conditional == "fused":
-            losses[CONDITIONAL] = self._mmd(fs, ft)
+            losses[CONDITIONAL] = self._mmd(fs, ft, w)
         elif fs.shape[0] < 2 or ft.shape[0] < 2:
             losses[CONDITIONAL] = _zero_like_graph(fs, ft)
         else:
             bs, bt = src_out["pred_boxes"], tgt_out["pred_boxes"]
             if self.conditional_detach_boxes:
                 bs, bt = bs.detach(), bt.detach()
-            losses[CONDITIONAL] = joint_mk_mmd([fs, bs], [ft, bt], self.multipliers, self.estimator)
+            losses[CONDITIONAL] = joint_mk_mmd([fs, bs], [ft, bt], self.multipliers, self.estimator, w)
         self.last_stats = {k: float(v.detach()) for k, v in losses.items()}
+        if w is not None:
+            # effective sample size of the weighted source (n when all weights are equal)
+            self.last_stats["size_weight_ess"] = float(w.sum() ** 2 / (w * w).sum())
         return losses
 
 
@@ -252,7 +266,8 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
     Args:
         cfg_adapt: the ``adapt`` config section. Keys read (all optional except ``aligner``):
             ``token_pooling`` (flatten | mean | tokens), ``conditional`` (joint | fused),
-            ``conditional_detach_boxes`` (bool), ``mmd: {multipliers, estimator}``,
+            ``conditional_detach_boxes`` (bool), ``size_reweight`` (bool, mmd only),
+            ``mmd: {multipliers, estimator}``,
             ``discriminator: {hidden, dropout, parts: {image, query, conditional},
             grl_schedule, grl_gamma, grl_max_steps, grl_max_coeff}``.
         token_dim: d of ``image_tokens``/``query_tokens`` ``[B, K, d]``.
@@ -262,11 +277,16 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
     kind = cfg_adapt.get("aligner", "mmd")
     pooling = cfg_adapt.get("token_pooling", "flatten")
     detach = bool(cfg_adapt.get("conditional_detach_boxes", True))
+    size_reweight = bool(cfg_adapt.get("size_reweight", False))
     if kind == "mmd":
         mmd_cfg = dict(cfg_adapt.get("mmd") or {})
         return MMDAligner(token_pooling=pooling, multipliers=mmd_cfg.get("multipliers", DEFAULT_MULTIPLIERS),
                           estimator=mmd_cfg.get("estimator", "unbiased"),
-                          conditional=cfg_adapt.get("conditional", "joint"), conditional_detach_boxes=detach)
+                          conditional=cfg_adapt.get("conditional", "joint"), conditional_detach_boxes=detach,
+                          size_reweight=size_reweight)
+    if size_reweight:
+        raise ValueError("adapt.size_reweight is implemented for the mmd aligner only; "
+                         f"set it to false with adapt.aligner={kind!r}")
     if kind == "adversarial":
         d = dict(cfg_adapt.get("discriminator") or {})
         return AdversarialAligner(
