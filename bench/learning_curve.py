@@ -4,6 +4,8 @@ optimiser steps on ProductWorld ``mall`` rows, single process on the CPU.
     python bench/learning_curve.py                            # lite (pretrained) beside tiny (from scratch), 10 min each
     python bench/learning_curve.py --variants lite            # any of: lite, tiny, no-focus, hybrid
     python bench/learning_curve.py --variants lite --precision bf16 --planned-steps 1200   # bf16 autocast
+    python bench/learning_curve.py --variants lite-ft --precision bf16 --planned-steps 1000 --seeds 3
+    python bench/learning_curve.py --merge a.json b.json --name c   # one table of single-seed runs
 
 Rows are rendered by ``date_core.data.productworld``, turned into batches by the data layer's
 ``BatchTransform`` (letterbox at the preset's image size; the pretrained text encoder's own
@@ -44,6 +46,9 @@ WORK = ROOT / "bench" / "_work"
 #: ``hybrid`` is the conv-stem backbone that tiny was first designed with.
 VARIANTS = {
     "lite": ("lite", {}, {}),
+    # lite with the last two stride-16 MBConv blocks and the last two MiniLM layers trained (at
+    # train.encoder_lr_mult of the learning rate): 0.78x the step rate of the frozen lite (bf16)
+    "lite-ft": ("lite", {"vision_frozen_blocks": 9, "text_frozen_layers": 4}, {}),
     "tiny": ("tiny", {}, {}),
     "no-focus": ("tiny", {}, {"box_focus": 0.0}),
     "hybrid": ("tiny", {"stem_channels": [32, 64], "coord_channels": True, "patch_size": 3, "vision_layers": 2,
@@ -169,12 +174,18 @@ def main() -> None:
                     help="train.precision of the training step (auto = float32 on a CPU; bf16 pays off where "
                          "the CPU has AMX)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds --seed .. --seed+N-1 "
+                    "(model init and batch order; the data stay the same)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RESULT.json",
+                    help="combine result files (e.g. one per seed) into one result under --name, with the summary")
     ap.add_argument("--set", action="append", default=[], help="model override key=value (YAML value)")
     ap.add_argument("--variants", default="lite,tiny", help=f"comma-separated, of {sorted(VARIANTS)}")
     ap.add_argument("--no-zoom", action="store_true", help="without the default train.zoom_out augmentation")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--name", default="learning_curve", help="result file bench/results/<name>.json")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args)
     torch.set_num_threads(args.threads)
     import yaml
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -193,18 +204,69 @@ def main() -> None:
         val, _ = cached("mall", args.val_images, 1, size, args.max_len, tok, pretrained_tok=pre_tok)
         print(f"{name}: {len(train['input_ids'])} train / {len(val['input_ids'])} val pairs at {size} px "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        runs[name] = run(name, preset, model_over, weights, train, val, tok, args)
+        for seed in range(args.seed, args.seed + args.seeds):
+            key = name if args.seeds == 1 else f"{name}/seed{seed}"
+            runs[key] = {**run(key, preset, model_over, weights, train, val, tok,
+                               argparse.Namespace(**{**vars(args), "seed": seed})), "seed": seed}
     rows = [p for r in runs.values() for p in r["curve"]]
     print(markdown_table(rows, ["run", "step", "train_s", "acc@0.5", "mIoU", "R@1"]))
+    summary = summarise(runs)
+    print(markdown_table(list(summary.values()), ["variant", "seeds", "end acc@0.5", "best acc@0.5", "steps"]))
     load = os.getloadavg()
     print(f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     if not args.no_write:
         path = write_result(args.name, {
             "what": "val acc@0.5 / mIoU / R@1 vs training wall-clock (evaluation excluded) and steps, "
                     f"ProductWorld mall, single process, CPU, train.precision {args.precision}",
-            "settings": dict(vars(args)), "overrides": overrides, "runs": runs,
+            "settings": dict(vars(args)), "overrides": overrides, "runs": runs, "summary": summary,
             "load_average_1_5_15_at_end": load, "hardware_note": hardware_string()})
         print(f"wrote {path}")
+
+
+def summarise(runs: dict) -> dict:
+    """Per variant (the run key before ``/seed``): the end-of-schedule and best val acc@0.5 of
+    each seed and their mean ± std (std over seeds, ddof 1)."""
+    groups: dict[str, list[dict]] = {}
+    for key, r in runs.items():
+        groups.setdefault(key.split("/seed")[0], []).append(r)
+
+    def stat(values: list[float]) -> str:
+        sd = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+        return f"{np.mean(values):.3f} ± {sd:.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+    out = {}
+    for variant, rs in groups.items():
+        end = [r["curve"][-1]["acc@0.5"] for r in rs]
+        best = [max(p["acc@0.5"] for p in r["curve"]) for r in rs]
+        out[variant] = {"variant": variant, "seeds": len(rs), "end acc@0.5": stat(end), "best acc@0.5": stat(best),
+                        "steps": ", ".join(str(r["steps"]) for r in rs), "end": end, "best": best}
+    return out
+
+
+def merge(args) -> None:
+    """``--merge``: runs of several result files (same settings but seed and name) under one name;
+    a run is keyed ``<variant>/seed<seed>``, the variant being the file's ``--variants``."""
+    parts = [(f, json.loads(Path(f).read_text(encoding="utf-8"))) for f in args.merge]
+    ignore = ("seed", "seeds", "name", "merge", "no_write")
+    first = {k: v for k, v in parts[0][1]["settings"].items() if k not in ignore}
+    runs = {}
+    for f, part in parts:
+        same = {k: v for k, v in part["settings"].items() if k not in ignore}
+        diff = sorted(k for k in set(first) | set(same) if first.get(k, None) != same.get(k, None))
+        if diff:
+            raise SystemExit(f"{f}: settings differ from {args.merge[0]} in {diff}; not merged")
+        # a --set override is part of the variant's name (lite+vision_frozen_blocks=9 is not lite)
+        extra = "+" + ",".join(part["settings"].get("set") or []) if part["settings"].get("set") else ""
+        for key, r in part["runs"].items():
+            seed = r.get("seed", part["settings"]["seed"])
+            runs[f"{key.split('/seed')[0]}{extra}/seed{seed}"] = {**r, "seed": seed, "from": f}
+    summary = summarise(runs)
+    print(markdown_table(list(summary.values()), ["variant", "seeds", "end acc@0.5", "best acc@0.5", "steps"]))
+    path = write_result(args.name, {"what": parts[0][1]["what"], "settings": parts[0][1]["settings"],
+                                    "overrides": parts[0][1].get("overrides", {}), "runs": runs,
+                                    "summary": summary, "merged_from": args.merge,
+                                    "hardware_note": hardware_string()})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
