@@ -152,6 +152,23 @@ def test_size_reweight_leaves_a_pure_size_shift_unaligned(conditional):
     assert 10 < aligner.last_stats["size_weight_ess"] < 48                # about the 24 small ones
 
 
-def test_size_reweight_is_mmd_only():
-    with pytest.raises(ValueError, match="size_reweight"):
-        build_aligner({"aligner": "adversarial", "size_reweight": True}, token_dim=8, num_tokens=4, fused_dim=8)
+def test_adversarial_size_reweight_weights_the_source_pairs_of_the_discriminators():
+    from date_core.adapt.mmd import size_shift_weights
+
+    src = _sized_outputs([0.03] * 6 + [0.2] * 6, seed=3)
+    tgt = _sized_outputs([0.03] * 8, seed=4)
+    cfg = {"aligner": "adversarial", "discriminator": {"dropout": 0.0}}
+    plain = build_aligner(cfg, token_dim=8, num_tokens=4, fused_dim=8).eval()
+    weighted = build_aligner({**cfg, "size_reweight": True}, token_dim=8, num_tokens=4, fused_dim=8).eval()
+    weighted.load_state_dict(plain.state_dict())                        # the same discriminators
+    w = size_shift_weights(src["pred_boxes"], tgt["pred_boxes"])
+    expected = 0.0
+    for part in ("image", "query", "conditional"):
+        logits = torch.cat([plain.discriminators[part](plain._features(o, part)).squeeze(1) for o in (src, tgt)])
+        labels = torch.cat([torch.ones(12), torch.zeros(8)])
+        sample_w = None if part == "query" else torch.cat([w, torch.ones(8)])
+        expected += torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=sample_w) / 3
+    got = weighted(src, tgt)["adversarial"]
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert abs(float(got.detach()) - float(plain(src, tgt)["adversarial"].detach())) > 1e-4
+    assert 0 < weighted.last_stats["size_weight_ess"] < 12

@@ -28,11 +28,13 @@ Design choices (config keys under ``adapt``):
   does not. ``conditional_detach_boxes: true`` (default, as CDAN's reference code) conditions
   on the prediction without pushing target boxes towards the source box statistics.
   ``conditional: fused`` is the plain MMD of ``fused``.
-* ``size_reweight: true`` (MMD only; off by default) weights the source pairs of the image and
+* ``size_reweight: true`` (the config's default) weights the source pairs of the image and
   conditional terms by :func:`~date_core.adapt.mmd.size_shift_weights`, the density ratio of
   the (predicted) box's log area, so that they are compared with source pairs of the target's
-  box sizes. Without it, matching ``fused`` (which also sets the size) pulls small target
-  products' boxes to source sizes (measured in BENCHMARKS.md).
+  box sizes: a weighted MMD, or a weighted BCE of the discriminators. Without it, matching
+  ``fused`` (which also sets the size) pulls small target products' boxes to source sizes
+  (BENCHMARKS.md: on Freiburg live, reweighting lifted full DATE from 0.06 to 0.17 acc@0.5;
+  alignment still hurts there).
 """
 from __future__ import annotations
 
@@ -84,11 +86,12 @@ class DomainAligner(nn.Module):
     #: The loss names this aligner returns.
     loss_names: tuple[str, ...] = ()
 
-    def __init__(self, token_pooling: str = "flatten") -> None:
+    def __init__(self, token_pooling: str = "flatten", size_reweight: bool = False) -> None:
         super().__init__()
         if token_pooling not in TOKEN_POOLINGS:
             raise ValueError(f"unknown token_pooling {token_pooling!r}; choose one of {TOKEN_POOLINGS}")
         self.token_pooling = token_pooling
+        self.size_reweight = bool(size_reweight)
         #: Detached diagnostics of the last call (floats), for logging.
         self.last_stats: dict[str, float] = {}
 
@@ -102,6 +105,20 @@ class DomainAligner(nn.Module):
             if src_out[key].shape[1:] != tgt_out[key].shape[1:]:
                 raise ValueError(f"{key}: source {tuple(src_out[key].shape)} and target "
                                  f"{tuple(tgt_out[key].shape)} differ beyond the batch dimension")
+
+    def _size_weights(self, src_out: Mapping[str, torch.Tensor], tgt_out: Mapping[str, torch.Tensor]
+                      ) -> torch.Tensor | None:
+        """``[B_s]`` source weights (mean 1, detached) under ``size_reweight``, else None."""
+        bs, bt = src_out["pred_boxes"], tgt_out["pred_boxes"]
+        if not self.size_reweight or bs.shape[0] < 2 or bt.shape[0] < 2:
+            return None
+        return size_shift_weights(bs, bt)
+
+    @staticmethod
+    def _ess(w: torch.Tensor) -> float:
+        """Effective sample size of weights ``w`` (their count when all are equal): logged as
+        ``size_weight_ess``, it says how many source pairs the reweighted batch really has."""
+        return float(w.sum() ** 2 / (w * w).sum())
 
     def forward(self, src_out: Mapping[str, torch.Tensor], tgt_out: Mapping[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
@@ -122,7 +139,7 @@ class MMDAligner(DomainAligner):
     def __init__(self, token_pooling: str = "flatten", multipliers=DEFAULT_MULTIPLIERS,
                  estimator: str = "unbiased", conditional: str = "joint",
                  conditional_detach_boxes: bool = True, size_reweight: bool = False) -> None:
-        super().__init__(token_pooling)
+        super().__init__(token_pooling, size_reweight)
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown MMD estimator {estimator!r}; choose one of {ESTIMATORS}")
         if conditional not in CONDITIONAL_KINDS:
@@ -133,7 +150,6 @@ class MMDAligner(DomainAligner):
         self.estimator = estimator
         self.conditional = conditional
         self.conditional_detach_boxes = bool(conditional_detach_boxes)
-        self.size_reweight = bool(size_reweight)
 
     def _mmd(self, s: torch.Tensor, t: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         if s.shape[0] < 2 or t.shape[0] < 2:
@@ -145,9 +161,7 @@ class MMDAligner(DomainAligner):
         """Returns ``{align_marginal_image, align_marginal_query, align_conditional}`` (scalars, ``MMD^2``)."""
         self._check(src_out, tgt_out)
         p = self.token_pooling
-        w = None
-        if self.size_reweight and src_out["pred_boxes"].shape[0] >= 2 and tgt_out["pred_boxes"].shape[0] >= 2:
-            w = size_shift_weights(src_out["pred_boxes"], tgt_out["pred_boxes"])
+        w = self._size_weights(src_out, tgt_out)
         losses = {
             # the image term is per pair, like the boxes that weight it; queries carry no size
             MARGINAL_IMAGE: self._mmd(pool_tokens(src_out["image_tokens"], p), pool_tokens(tgt_out["image_tokens"], p),
@@ -166,8 +180,7 @@ class MMDAligner(DomainAligner):
             losses[CONDITIONAL] = joint_mk_mmd([fs, bs], [ft, bt], self.multipliers, self.estimator, w)
         self.last_stats = {k: float(v.detach()) for k, v in losses.items()}
         if w is not None:
-            # effective sample size of the weighted source (n when all weights are equal)
-            self.last_stats["size_weight_ess"] = float(w.sum() ** 2 / (w * w).sum())
+            self.last_stats["size_weight_ess"] = self._ess(w)
         return losses
 
 
@@ -195,8 +208,9 @@ class AdversarialAligner(DomainAligner):
     def __init__(self, token_dim: int, num_tokens: int, fused_dim: int, token_pooling: str = "flatten",
                  hidden: int = 256, dropout: float = 0.1, parts: Mapping[str, float] | None = None,
                  grl_schedule: str = "dann", grl_gamma: float = 10.0, grl_max_steps: int = 1000,
-                 grl_max_coeff: float = 1.0, conditional_detach_boxes: bool = True) -> None:
-        super().__init__(token_pooling)
+                 grl_max_coeff: float = 1.0, conditional_detach_boxes: bool = True,
+                 size_reweight: bool = False) -> None:
+        super().__init__(token_pooling, size_reweight)
         parts = dict(parts) if parts is not None else {p: 1.0 for p in self.PARTS}
         unknown = set(parts) - set(self.PARTS)
         if unknown:
@@ -246,11 +260,17 @@ class AdversarialAligner(DomainAligner):
         coeff = self.grl_coeff
         total = 0.0
         stats: dict[str, float] = {"grl_coeff": coeff}
+        w = self._size_weights(src_out, tgt_out)
+        if w is not None:
+            stats["size_weight_ess"] = self._ess(w)
         for part, weight in self.parts.items():
             fs, ft = self._features(src_out, part), self._features(tgt_out, part)
             logits = self.discriminators[part](grad_reverse(torch.cat([fs, ft], dim=0), coeff)).squeeze(1)
             labels = torch.cat([logits.new_ones(fs.shape[0]), logits.new_zeros(ft.shape[0])])
-            loss = F.binary_cross_entropy_with_logits(logits, labels)
+            # size reweighting: the source pairs count by their size weight (queries have no size)
+            sample_w = None if w is None or part == "query" else torch.cat([w.to(logits.dtype),
+                                                                            logits.new_ones(ft.shape[0])])
+            loss = F.binary_cross_entropy_with_logits(logits, labels, weight=sample_w)
             total = total + weight * loss
             stats[f"disc_acc_{part}"] = float(((logits.detach() > 0).float() == labels).float().mean())
         if self.training and torch.is_grad_enabled() and self._progress_override is None:
@@ -266,7 +286,8 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
     Args:
         cfg_adapt: the ``adapt`` config section. Keys read (all optional except ``aligner``):
             ``token_pooling`` (flatten | mean | tokens), ``conditional`` (joint | fused),
-            ``conditional_detach_boxes`` (bool), ``size_reweight`` (bool, mmd only),
+            ``conditional_detach_boxes`` (bool), ``size_reweight`` (bool; False when absent,
+            ``default.yaml`` sets it true),
             ``mmd: {multipliers, estimator}``,
             ``discriminator: {hidden, dropout, parts: {image, query, conditional},
             grl_schedule, grl_gamma, grl_max_steps, grl_max_coeff}``.
@@ -284,9 +305,6 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
                           estimator=mmd_cfg.get("estimator", "unbiased"),
                           conditional=cfg_adapt.get("conditional", "joint"), conditional_detach_boxes=detach,
                           size_reweight=size_reweight)
-    if size_reweight:
-        raise ValueError("adapt.size_reweight is implemented for the mmd aligner only; "
-                         f"set it to false with adapt.aligner={kind!r}")
     if kind == "adversarial":
         d = dict(cfg_adapt.get("discriminator") or {})
         return AdversarialAligner(
@@ -294,7 +312,7 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
             dropout=float(d.get("dropout", 0.1)), parts=d.get("parts"),
             grl_schedule=d.get("grl_schedule", "dann"), grl_gamma=float(d.get("grl_gamma", 10.0)),
             grl_max_steps=int(d.get("grl_max_steps", 1000)), grl_max_coeff=float(d.get("grl_max_coeff", 1.0)),
-            conditional_detach_boxes=detach)
+            conditional_detach_boxes=detach, size_reweight=size_reweight)
     raise ValueError(f"unknown adapt.aligner {kind!r}; choose one of {ALIGNER_KINDS}")
 
 
