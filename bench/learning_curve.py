@@ -259,7 +259,8 @@ def merge(args) -> None:
         extra = "+" + ",".join(part["settings"].get("set") or []) if part["settings"].get("set") else ""
         for key, r in part["runs"].items():
             seed = r.get("seed", part["settings"]["seed"])
-            runs[f"{key.split('/seed')[0]}{extra}/seed{seed}"] = {**r, "seed": seed, "from": f}
+            runs[f"{key.split('/seed')[0]}{extra}/seed{seed}"] = {**r, "seed": seed, "from": f, "commit": part.get("commit"),
+                                                               "date": part.get("date")}
     summary = summarise(runs)
     print(markdown_table(list(summary.values()), ["variant", "seeds", "end acc@0.5", "best acc@0.5", "steps"]))
     path = write_result(args.name, {"what": parts[0][1]["what"], "settings": parts[0][1]["settings"],
