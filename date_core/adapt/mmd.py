@@ -100,15 +100,16 @@ def mmd_from_kernel(kernel: torch.Tensor, n_source: int, estimator: str = "unbia
     else:
         within_t = k_tt.mean()
     if source_weights is None:
-        within_s = (k_ss.sum() - k_ss.diagonal().sum()) / (n * (n - 1)) if estimator == "unbiased" else k_ss.mean()
-        return within_s + within_t - 2.0 * k_st.mean()
-    w = source_weights.detach().to(kernel.dtype).reshape(-1)
-    if w.shape[0] != n or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ValueError(f"source_weights must be {n} non-negative numbers with a positive sum")
-    w = w / w.sum()  # a probability vector over the source sample
+        w = kernel.new_full((n,), 1.0 / n)  # equal weights: the plain estimators
+    else:
+        w = source_weights.detach().to(kernel.dtype).reshape(-1)
+        if w.shape[0] != n or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError(f"source_weights must be {n} non-negative numbers with a positive sum")
+        w = w / w.sum()  # a probability vector over the source sample
     pair = w[:, None] * w[None, :]
     if estimator == "unbiased":
-        # the weighted U-statistic: pairs i != j only, renormalised over them
+        # the (weighted) U-statistic: pairs i != j only, renormalised over them; with equal
+        # weights it is (sum - trace) / (n (n - 1))
         off = 1.0 - (w * w).sum()
         within_s = ((pair * k_ss).sum() - (w * w * k_ss.diagonal()).sum()) / off.clamp_min(1e-12)
     else:
@@ -187,7 +188,7 @@ def size_shift_weights(source_boxes: torch.Tensor, target_boxes: torch.Tensor, b
             return torch.exp(-0.5 * ((at[:, None] - sample[None, :]) / bandwidth) ** 2).mean(dim=1)
 
         ratio = density(a_s, a_t) / density(a_s, a_s).clamp_min(1e-12)
-        ratio = ratio.clamp(min=float(ratio.max()) / max_weight)
+        ratio = torch.maximum(ratio, ratio.max() / max_weight)  # a tensor bound: no host sync per step
         return ratio / ratio.mean()
 
 
