@@ -172,3 +172,84 @@ def test_adversarial_size_reweight_weights_the_source_pairs_of_the_discriminator
     assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert abs(float(got.detach()) - float(plain(src, tgt)["adversarial"].detach())) > 1e-4
     assert 0 < weighted.last_stats["size_weight_ess"] < 12
+
+
+# ----------------------------------------------------------------------------- protect_box
+def _seeker_and_fused(n: int, shift: float, seed: int, d: int = 16):
+    from date_core.model.seekers import GroundingSeeker
+
+    torch.manual_seed(0)
+    seeker = GroundingSeeker(d, heads=2, layers=1, mlp=32)
+    # a size head that reads fused strongly (a fresh one starts near constant)
+    for layer in (seeker.size[0], seeker.size[2], seeker.refine):
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    g = torch.Generator().manual_seed(seed)
+    return seeker, torch.randn(n, d, generator=g) + shift
+
+
+def test_box_jacobian_matches_autograd_per_pair():
+    seeker, fused = _seeker_and_fused(5, 0.0, 1)
+    jac = seeker.box_jacobian(fused)
+    assert jac.shape == (5, 4, 16)
+    for i in (0, 3):
+        full = torch.autograd.functional.jacobian(
+            lambda f: torch.cat([seeker.size(f), seeker.refine(f)], dim=-1), fused[i:i + 1])  # [1, 4, 1, 16]
+        torch.testing.assert_close(jac[i], full[0, :, 0], rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in seeker.parameters()), "the Jacobian must not train the head"
+
+
+@pytest.mark.parametrize("kind", ["mmd", "adversarial"])
+def test_protect_box_removes_the_conditional_gradient_along_the_box_head(kind):
+    seeker, fs = _seeker_and_fused(12, 0.0, 1)
+    _, ft = _seeker_and_fused(12, 1.5, 2)
+    cfg = {"aligner": kind, "size_reweight": False}
+    if kind == "adversarial":
+        cfg["discriminator"] = {"parts": {"image": 0.0, "query": 0.0, "conditional": 1.0}}
+    grads = {}
+    for protect in (False, True):
+        torch.manual_seed(0)
+        aligner = build_aligner({**cfg, "protect_box": protect}, token_dim=8, num_tokens=4, fused_dim=16,
+                                box_jacobian=seeker.box_jacobian)
+        if kind == "adversarial":
+            aligner.set_progress(1.0)  # the GRL warm-up starts at 0: no gradient at all
+        src, tgt = _outputs(12, 0.0, 1, fd=16), _outputs(12, 1.0, 2, fd=16)
+        src["fused"], tgt["fused"] = fs.clone().requires_grad_(True), ft.clone().requires_grad_(True)
+        sum(aligner(src, tgt).values()).backward()
+        grads[protect] = tgt["fused"].grad
+    jac = seeker.box_jacobian(ft)  # [B, 4, d]
+    along = lambda g: torch.einsum("bmd,bd->bm", torch.nn.functional.normalize(jac, dim=-1), g).abs()  # noqa: E731
+    assert along(grads[False]).max() > 1e-3 * grads[False].norm(), "the unprotected gradient moves the box"
+    assert along(grads[True]).max() < 1e-5 * grads[False].norm()
+    assert grads[True].norm() > 0.1 * grads[False].norm(), "the rest of the gradient is kept"
+
+
+def test_protected_alignment_steps_leave_the_box_head_outputs_alone():
+    """Descending the conditional MMD on the target's fused features moves their boxes; with
+    protect_box the same steps leave the box head's outputs (to first order) where they were."""
+    seeker, fs = _seeker_and_fused(16, 0.0, 1)
+    _, ft0 = _seeker_and_fused(16, 1.5, 2)
+    head = lambda f: torch.cat([seeker.size(f), seeker.refine(f)], dim=-1)  # noqa: E731
+    moved = {}
+    for protect in (False, True):
+        aligner = build_aligner({"aligner": "mmd", "conditional": "fused", "size_reweight": False,
+                                 "protect_box": protect}, token_dim=8, num_tokens=4, fused_dim=16,
+                                box_jacobian=seeker.box_jacobian)
+        ft = ft0.clone().requires_grad_(True)
+        opt = torch.optim.SGD([ft], lr=5.0)
+        start = float(aligner({**_outputs(16, 0, 1, fd=16), "fused": fs}, {**_outputs(16, 1, 2, fd=16), "fused": ft})
+                      [CONDITIONAL].detach())
+        for _ in range(10):
+            opt.zero_grad()
+            loss = aligner({**_outputs(16, 0, 1, fd=16), "fused": fs}, {**_outputs(16, 1, 2, fd=16), "fused": ft})
+            loss[CONDITIONAL].backward()
+            opt.step()
+        assert float(loss[CONDITIONAL].detach()) < start, "the alignment still makes progress"
+        with torch.no_grad():
+            moved[protect] = float((head(ft) - head(ft0)).abs().mean())
+    assert moved[False] > 0.05
+    assert moved[True] < 0.05 * moved[False], moved
+
+
+def test_protect_box_needs_the_model():
+    with pytest.raises(ValueError, match="build_aligner_for_model"):
+        _mmd_aligner(protect_box=True)

@@ -35,10 +35,16 @@ Design choices (config keys under ``adapt``):
   ``fused`` (which also sets the size) pulls small target products' boxes to source sizes
   (BENCHMARKS.md: on Freiburg live, reweighting lifted full DATE from 0.06 to 0.17 acc@0.5;
   alignment still hurts there).
+* ``protect_box: true`` projects the conditional term's gradient at ``fused``, per pair, off
+  the directions that move the box head's outputs (its size logits and centre refinements:
+  :meth:`~date_core.model.seekers.GroundingSeeker.box_jacobian`). The term can then still
+  reshape ``fused`` and what lies upstream, but its direct push on the box is removed, where
+  ``size_reweight`` can only choose which source pairs to compare with. It needs the model,
+  so it is built by :func:`build_aligner_for_model`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -73,6 +79,31 @@ def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
     raise ValueError(f"unknown token_pooling {pooling!r}; choose one of {TOKEN_POOLINGS}")
 
 
+class _ProjectOff(torch.autograd.Function):
+    """Identity forward; backward removes the gradient's component in the span of ``basis``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(basis)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (q,) = ctx.saved_tensors
+        g = grad.float()
+        g = g - torch.einsum("bm,bmd->bd", torch.einsum("bmd,bd->bm", q, g), q)
+        return g.to(grad.dtype), None
+
+
+def project_off(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Identity on ``x [B, d]`` whose gradient, row by row, loses its component in the span of
+    that row's ``directions [B, m, d]`` (any m <= d vectors, orthonormalised here)."""
+    if directions.shape[0] != x.shape[0] or directions.shape[-1] != x.shape[-1]:
+        raise ValueError(f"directions {tuple(directions.shape)} do not match x {tuple(x.shape)} as [B, m, d]")
+    q, _ = torch.linalg.qr(directions.detach().float().transpose(1, 2))  # [B, d, m], orthonormal columns
+    return _ProjectOff.apply(x, q.transpose(1, 2).contiguous())
+
+
 def pooled_dim(num_tokens: int, token_dim: int, pooling: str) -> int:
     """Feature size of :func:`pool_tokens`'s output."""
     if pooling not in TOKEN_POOLINGS:
@@ -86,12 +117,16 @@ class DomainAligner(nn.Module):
     #: The loss names this aligner returns.
     loss_names: tuple[str, ...] = ()
 
-    def __init__(self, token_pooling: str = "flatten", size_reweight: bool = False) -> None:
+    def __init__(self, token_pooling: str = "flatten", size_reweight: bool = False,
+                 box_jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         if token_pooling not in TOKEN_POOLINGS:
             raise ValueError(f"unknown token_pooling {token_pooling!r}; choose one of {TOKEN_POOLINGS}")
         self.token_pooling = token_pooling
         self.size_reweight = bool(size_reweight)
+        # a plain callable (the model's GroundingSeeker.box_jacobian), not a submodule: the
+        # aligner must not own, save or optimise the model's box head
+        self.box_jacobian = box_jacobian
         #: Detached diagnostics of the last call (floats), for logging.
         self.last_stats: dict[str, float] = {}
 
@@ -113,6 +148,14 @@ class DomainAligner(nn.Module):
         if not self.size_reweight or bs.shape[0] < 2 or bt.shape[0] < 2:
             return None
         return size_shift_weights(bs, bt)
+
+    def _conditional_fused(self, out: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``fused [B, d]`` as the conditional term sees it: under ``protect_box`` its gradient
+        is projected off the box head's input directions (:func:`project_off`)."""
+        fused = out["fused"]
+        if self.box_jacobian is None or not torch.is_grad_enabled() or not fused.requires_grad:
+            return fused
+        return project_off(fused, self.box_jacobian(fused))
 
     @staticmethod
     def _ess(w: torch.Tensor) -> float:
@@ -138,8 +181,9 @@ class MMDAligner(DomainAligner):
 
     def __init__(self, token_pooling: str = "flatten", multipliers=DEFAULT_MULTIPLIERS,
                  estimator: str = "unbiased", conditional: str = "joint",
-                 conditional_detach_boxes: bool = True, size_reweight: bool = False) -> None:
-        super().__init__(token_pooling, size_reweight)
+                 conditional_detach_boxes: bool = True, size_reweight: bool = False,
+                 box_jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__(token_pooling, size_reweight, box_jacobian)
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown MMD estimator {estimator!r}; choose one of {ESTIMATORS}")
         if conditional not in CONDITIONAL_KINDS:
@@ -168,7 +212,7 @@ class MMDAligner(DomainAligner):
                                       w),
             MARGINAL_QUERY: self._mmd(pool_tokens(src_out["query_tokens"], p), pool_tokens(tgt_out["query_tokens"], p)),
         }
-        fs, ft = src_out["fused"], tgt_out["fused"]
+        fs, ft = self._conditional_fused(src_out), self._conditional_fused(tgt_out)
         if self.conditional == "fused":
             losses[CONDITIONAL] = self._mmd(fs, ft, w)
         elif fs.shape[0] < 2 or ft.shape[0] < 2:
@@ -209,8 +253,9 @@ class AdversarialAligner(DomainAligner):
                  hidden: int = 256, dropout: float = 0.1, parts: Mapping[str, float] | None = None,
                  grl_schedule: str = "dann", grl_gamma: float = 10.0, grl_max_steps: int = 1000,
                  grl_max_coeff: float = 1.0, conditional_detach_boxes: bool = True,
-                 size_reweight: bool = False) -> None:
-        super().__init__(token_pooling, size_reweight)
+                 size_reweight: bool = False,
+                 box_jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__(token_pooling, size_reweight, box_jacobian)
         parts = dict(parts) if parts is not None else {p: 1.0 for p in self.PARTS}
         unknown = set(parts) - set(self.PARTS)
         if unknown:
@@ -250,7 +295,7 @@ class AdversarialAligner(DomainAligner):
             return pool_tokens(out["query_tokens"], self.token_pooling)
         box = out["pred_boxes"].detach() if self.conditional_detach_boxes else out["pred_boxes"]
         box1 = torch.cat([box, box.new_ones(box.shape[0], 1)], dim=1)          # [B, 5]
-        return torch.einsum("bf,bk->bfk", out["fused"], box1).flatten(1)      # [B, d_f * 5]
+        return torch.einsum("bf,bk->bfk", self._conditional_fused(out), box1).flatten(1)  # [B, d_f * 5]
 
     def forward(self, src_out: Mapping[str, torch.Tensor], tgt_out: Mapping[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
@@ -279,23 +324,32 @@ class AdversarialAligner(DomainAligner):
         return {ADVERSARIAL: total / sum(self.parts.values())}
 
 
-def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: int, fused_dim: int
-                  ) -> DomainAligner:
+def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: int, fused_dim: int,
+                  box_jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DomainAligner:
     """Build the aligner selected by ``cfg_adapt['aligner']`` (``mmd`` | ``adversarial``).
 
     Args:
         cfg_adapt: the ``adapt`` config section. Keys read (all optional except ``aligner``):
             ``token_pooling`` (flatten | mean | tokens), ``conditional`` (joint | fused),
             ``conditional_detach_boxes`` (bool), ``size_reweight`` (bool; False when absent,
-            ``default.yaml`` sets it true),
+            ``default.yaml`` sets it true), ``protect_box`` (bool; needs ``box_jacobian``),
             ``mmd: {multipliers, estimator}``,
             ``discriminator: {hidden, dropout, parts: {image, query, conditional},
             grl_schedule, grl_gamma, grl_max_steps, grl_max_coeff}``.
         token_dim: d of ``image_tokens``/``query_tokens`` ``[B, K, d]``.
         num_tokens: K.
         fused_dim: size of ``fused`` ``[B, d_f]``.
+        box_jacobian: ``fused [B, d_f] -> [B, m, d_f]``, the box head's input directions
+            (:meth:`~date_core.model.seekers.GroundingSeeker.box_jacobian`); used only under
+            ``protect_box``.
     """
     kind = cfg_adapt.get("aligner", "mmd")
+    if bool(cfg_adapt.get("protect_box", False)):
+        if box_jacobian is None:
+            raise ValueError("adapt.protect_box needs the model's box head: build the aligner with "
+                             "build_aligner_for_model(cfg_adapt, model)")
+    else:
+        box_jacobian = None
     pooling = cfg_adapt.get("token_pooling", "flatten")
     detach = bool(cfg_adapt.get("conditional_detach_boxes", True))
     size_reweight = bool(cfg_adapt.get("size_reweight", False))
@@ -304,7 +358,7 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
         return MMDAligner(token_pooling=pooling, multipliers=mmd_cfg.get("multipliers", DEFAULT_MULTIPLIERS),
                           estimator=mmd_cfg.get("estimator", "unbiased"),
                           conditional=cfg_adapt.get("conditional", "joint"), conditional_detach_boxes=detach,
-                          size_reweight=size_reweight)
+                          size_reweight=size_reweight, box_jacobian=box_jacobian)
     if kind == "adversarial":
         d = dict(cfg_adapt.get("discriminator") or {})
         return AdversarialAligner(
@@ -312,16 +366,18 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
             dropout=float(d.get("dropout", 0.1)), parts=d.get("parts"),
             grl_schedule=d.get("grl_schedule", "dann"), grl_gamma=float(d.get("grl_gamma", 10.0)),
             grl_max_steps=int(d.get("grl_max_steps", 1000)), grl_max_coeff=float(d.get("grl_max_coeff", 1.0)),
-            conditional_detach_boxes=detach, size_reweight=size_reweight)
+            conditional_detach_boxes=detach, size_reweight=size_reweight, box_jacobian=box_jacobian)
     raise ValueError(f"unknown adapt.aligner {kind!r}; choose one of {ALIGNER_KINDS}")
 
 
 def build_aligner_for_model(cfg_adapt: Mapping[str, Any], model: nn.Module) -> DomainAligner:
     """:func:`build_aligner` with the feature sizes read from a DATE model's config
-    (``hidden_size`` = d = the fused width, ``num_semantic_tokens`` = K); DDP/compiled
-    wrappers are looked through."""
+    (``hidden_size`` = d = the fused width, ``num_semantic_tokens`` = K) and, for
+    ``protect_box``, its grounding seeker's :meth:`box_jacobian`; DDP/compiled wrappers are
+    looked through."""
     from ..model import unwrap
 
-    cfg = unwrap(model).config
+    inner = unwrap(model)
+    cfg = inner.config
     return build_aligner(cfg_adapt, token_dim=cfg.hidden_size, num_tokens=cfg.num_semantic_tokens,
-                         fused_dim=cfg.hidden_size)
+                         fused_dim=cfg.hidden_size, box_jacobian=inner.grounding.box_jacobian)

@@ -104,6 +104,18 @@ class GroundingSeeker(nn.Module):
         nn.init.normal_(self.refine.weight, std=1e-3)
         nn.init.zeros_(self.refine.bias)
 
+    def box_jacobian(self, fused: Tensor) -> Tensor:
+        """``fused [B, d]`` -> ``[B, 4, d]``: for each pair, the gradient with respect to ``fused``
+        of the four box outputs that read it (the two size logits and the two centre
+        refinements). Alignment can project its gradient off these rows
+        (``adapt.protect_box``). Computed in float32 on a detached copy: no parameter receives a
+        gradient from it."""
+        with torch.enable_grad(), torch.autocast(fused.device.type, enabled=False):
+            f = fused.detach().float().requires_grad_(True)
+            out = torch.cat([self.size(f), self.refine(f)], dim=-1)  # [B, 4]
+            rows = [torch.autograd.grad(out[:, j].sum(), f, retain_graph=j < 3)[0] for j in range(4)]
+        return torch.stack(rows, dim=1)
+
     def forward(self, query_tokens: Tensor, patches: Tensor, grid: int) -> dict[str, Tensor]:
         b, k, d = query_tokens.shape
         n = patches.shape[1]

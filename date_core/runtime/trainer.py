@@ -133,10 +133,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     criterion = build_criterion(cfg["loss"], pseudo_focus=cfg["adapt"].get("pseudo_focus", "centre"))
     aligner = None
     if "target" in counts and loop_cfg.get("align", False):
-        from date_core.adapt import build_aligner
+        from date_core.adapt import build_aligner_for_model
 
-        aligner = build_aligner(cfg["adapt"], token_dim=model.config.hidden_size,
-                                num_tokens=model.config.num_semantic_tokens, fused_dim=model.config.hidden_size)
+        aligner = build_aligner_for_model(cfg["adapt"], model)
     model.to(device)
     if aligner is not None:
         aligner.to(device)
