@@ -100,14 +100,15 @@ def test_bad_config_and_inputs_are_clear_errors():
         _mmd_aligner()(_outputs(4, 0.0, 1), _outputs(4, 0.0, 2, d=6))
 
 
+@pytest.mark.parametrize("protect_box", [False, True])
 @pytest.mark.parametrize("kind", ["mmd", "adversarial"])
-def test_aligner_on_the_real_tiny_model_trains_the_model(kind):
+def test_aligner_on_the_real_tiny_model_trains_the_model(kind, protect_box):
     from date_core import build_model
     from date_core.adapt import build_aligner_for_model
 
     torch.manual_seed(0)
     model = build_model("tiny", vocab_size=50)
-    aligner = build_aligner_for_model({"aligner": kind}, model)
+    aligner = build_aligner_for_model({"aligner": kind, "protect_box": protect_box}, model)
     if kind == "adversarial":
         aligner.set_progress(0.5)  # the DANN schedule starts at coefficient 0: no gradient yet
     size, n, length = model.config.image_size, 4, 8
