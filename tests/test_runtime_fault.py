@@ -88,3 +88,24 @@ def test_killed_worker_resumes_from_s3_checkpoint(s3_ray, pw_dataset, tmp_path):
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root))]
     assert any(n.startswith("checkpoint_") for n in names)
     assert (result.model_dir / "model.safetensors").is_file()
+
+
+def test_each_worker_reads_its_own_copy_of_a_checkpoint(tmp_path):
+    """Two workers of a node resuming from one checkpoint: each gets a private folder, so a
+    late worker's download cannot overwrite files another is reading (ray-project/ray#48726),
+    and the copies are removed afterwards."""
+    from ray.train import Checkpoint
+
+    from date_core.runtime.trainer import worker_checkpoint_dir
+
+    src = tmp_path / "ckpt"
+    (src / "model").mkdir(parents=True)
+    (src / "model" / "weights.bin").write_bytes(b"x" * 1000)
+    ckpt = Checkpoint.from_directory(str(src))
+    with worker_checkpoint_dir(ckpt) as first, worker_checkpoint_dir(ckpt) as second:
+        assert first != second and src not in (first, second)
+        assert (first / "model" / "weights.bin").read_bytes() == (second / "model" / "weights.bin").read_bytes()
+        (first / "model" / "weights.bin").write_bytes(b"")  # one worker's folder changing ...
+        assert (second / "model" / "weights.bin").stat().st_size == 1000  # ... leaves the other's whole
+    assert not first.exists() and not second.exists()
+    assert (src / "model" / "weights.bin").stat().st_size == 1000

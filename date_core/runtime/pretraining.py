@@ -30,7 +30,7 @@ import torch
 from date_core.runtime import session, tracking
 from date_core.runtime.supervised import StageResult
 from date_core.runtime.trainer import (MODEL_DIR, TRAIN_STATE, _Tracker, build_trainer, checkpoint_model_dir,
-                                       init_model, worker_setup)
+                                       init_model, worker_checkpoint_dir, worker_setup)
 
 
 STAGE = "pretrain"
@@ -112,7 +112,7 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
+        with worker_checkpoint_dir(checkpoint) as ckpt_dir:
             pretrainer.model.load_state_dict(load_model(Path(ckpt_dir) / MODEL_DIR).state_dict())
             pretrainer.heads.load_state_dict(load_file(str(Path(ckpt_dir) / MODEL_DIR / HEADS_FILE)))
             saved = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location=device, weights_only=False)

@@ -16,11 +16,12 @@ Rank 0 alone logs to MLflow (the run id travels in the loop config).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import ray
 import ray.train
@@ -158,7 +159,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
+        with worker_checkpoint_dir(checkpoint) as ckpt_dir:
             trained = load_model(Path(ckpt_dir) / MODEL_DIR)
             model.load_state_dict(trained.state_dict())
             saved = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location=device, weights_only=False)
@@ -342,6 +343,20 @@ def build_trainer(cfg: Mapping[str, Any], name: str, datasets: dict, loop_cfg: d
         run_config=run_config(cfg, name), datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[k for k in ("train", "target") if k in datasets]),
     )
+
+
+@contextlib.contextmanager
+def worker_checkpoint_dir(checkpoint: Checkpoint) -> Iterator[Path]:
+    """A worker's own local copy of a run checkpoint (local or ``s3://``), removed afterwards.
+
+    ``Checkpoint.as_directory()`` gives every worker of a node the same temporary download
+    folder, and a worker that arrives after the first download has finished downloads into it
+    again while the others read it (ray-project/ray#48726): a 2-worker resume from S3 read a
+    truncated weights file ("header too small"). A private folder per worker has no such race;
+    the cost is one download per worker instead of per node."""
+    with tempfile.TemporaryDirectory(prefix="date-resume-") as tmp:
+        checkpoint.to_directory(tmp)
+        yield Path(tmp)
 
 
 def checkpoint_model_dir(checkpoint: Checkpoint, dst: str | Path, prefer_teacher: bool = False) -> Path:
