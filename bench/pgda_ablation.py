@@ -55,12 +55,12 @@ from _common import markdown_table, write_result  # noqa: E402
 from date_core import batch as B  # noqa: E402
 from date_core import build_model  # noqa: E402
 from date_core.adapt import (EMATeacher, adaptation_step, attach_pseudo_boxes, build_aligner_for_model,  # noqa: E402
-                             build_views, ema_decay_for, label_target_set, zoom_settings)
+                             build_views, ema_decay_for, label_target_set, round_loss_weights, zoom_settings)
 from date_core.config import default_config  # noqa: E402
 from date_core.data.io import to_numpy_batch  # noqa: E402
 from date_core.data.transforms import BatchTransform  # noqa: E402
 from date_core.engine import autocast_dtype, build_optimizer, build_scheduler, evaluate  # noqa: E402
-from date_core.losses import build_criterion  # noqa: E402
+from date_core.losses import active_alignment_terms, build_criterion  # noqa: E402
 from date_core.model import pretrained_tokenizer_dir, resolve_model_config  # noqa: E402
 from date_core.text import load_tokenizer, train_wordpiece  # noqa: E402
 
@@ -282,7 +282,6 @@ def run_one(job: tuple) -> dict:
     weights, adapt = row_config(row, args)
     student = build_model(args.preset, vocab_size=vocab, max_text_len=max_len).to(device)
     aligner = build_aligner_for_model(adapt, student).to(device) if align else None
-    criterion = build_criterion(weights, gather=False, pseudo_focus=adapt.get("pseudo_focus", "centre"))
     cfg_train = {**default_config()["train"], "lr": args.lr}  # encoder_lr_mult, zoom_out: as the pipeline
     optimizer = build_optimizer(student, cfg_train, extra_modules=[aligner] if aligner is not None else [])
     scheduler = build_scheduler(optimizer, warmup_steps=max(1, args.steps // 20), total_steps=args.steps,
@@ -290,6 +289,11 @@ def run_one(job: tuple) -> dict:
     teacher = EMATeacher(student, ema_decay_for(args.steps, adapt))
     views = build_views(adapt["views"])
     bounds = round_bounds(args.steps, args.rounds if pseudo else 1, args.first_label)
+    # each round's loss weights as the pipeline's rounds have them (adapt.align_from_round)
+    round_weights = [round_loss_weights(weights, adapt, r) for r in range(len(bounds) - 1)]
+    aligned = [bool(active_alignment_terms(w)) for w in round_weights]
+    # the GRL warm-up counts from the first aligned step (the pipeline's rounds are separate runs)
+    align_start = next((int(bounds[r]) for r, on in enumerate(aligned) if on), 0)
     n_src, n_tgt = data["source_train"][B.PAIR_KEY].shape[0], data["target_train"][B.PAIR_KEY].shape[0]
     labels, round_log, curve, t0 = None, [], [], time.perf_counter()
     for r in range(len(bounds) - 1):
@@ -308,6 +312,8 @@ def run_one(job: tuple) -> dict:
                   + ", ".join(f"{k} {v:.3f}" for k, v in by_signal.items() if k != "all" and "/" not in k)
                   + "; centre on target by " + ", ".join(f"{k[7:]} {v:.3f}" for k, v in by_signal.items()
                                                           if k.startswith("centre/") and k != "centre/all"), flush=True)
+        criterion = build_criterion(round_weights[r], gather=False, pseudo_focus=adapt.get("pseudo_focus", "centre"))
+        round_aligner = aligner if aligned[r] else None
         for step in range(bounds[r], bounds[r + 1]):
             src = hflip(take(data["source_train"], rng.choice(n_src, args.batch_size, replace=False)), rng)
             tgt = None
@@ -317,9 +323,10 @@ def run_one(job: tuple) -> dict:
                 if labels is not None:
                     tgt = attach_pseudo_boxes(tgt, labels)
                 tgt = hflip(tgt, rng)
-            logs = adaptation_step(student, criterion, src, optimizer, scheduler, target_batch=tgt, aligner=aligner,
-                                   teacher=teacher, progress=step / args.steps, device=device, autocast_dtype=amp,
-                                   zoom_out=zoom_settings(cfg_train), strong_aug=bool(adapt.get("strong_aug", False)))
+            progress = (step - align_start) / max(1, args.steps - align_start)
+            logs = adaptation_step(student, criterion, src, optimizer, scheduler, target_batch=tgt,
+                                   aligner=round_aligner, teacher=teacher, progress=progress, device=device,
+                                   autocast_dtype=amp, zoom_out=zoom_settings(cfg_train), strong_aug=bool(adapt.get("strong_aug", False)))
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 m = evaluate(teacher.model, batches(data["target_test"], 64), device=device, autocast_dtype=amp)
                 curve.append({"step": step + 1, "acc@0.5": m["pg/acc@0.5"], "mIoU": m["pg/mIoU"]})

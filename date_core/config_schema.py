@@ -143,6 +143,7 @@ SCHEMA = Section({
         "conditional_detach_boxes": Key(bool, "no gradient through the boxes of conditional alignment"),
         "size_reweight": Key(bool, "MMD aligner: weight source pairs to the target's (predicted) box sizes"),
         "protect_box": Key(bool, "project the conditional alignment gradient off the box head's input directions"),
+        "align_from_round": Key(int, "alignment weights apply from this 0-based round on (0 = every round)"),
         "mmd": Section({"multipliers": Key(list[float], "kernel bandwidth multipliers"),
                         "estimator": Key(Literal["unbiased", "biased"], "MMD estimator")}, "MK-MMD aligner"),
         "discriminator": Section({

@@ -17,7 +17,7 @@ labels: its targets would be the IoU with a box the model itself produced).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,12 @@ SUPERVISED_TERMS = ("retrieval", "box_l1", "box_giou", "confidence", "box_focus"
 PSEUDO_TERMS = ("pseudo_box_l1", "pseudo_box_giou", "pseudo_box_focus")
 ALIGNMENT_TERMS = ("align_marginal_image", "align_marginal_query", "align_conditional", "adversarial")
 LOSS_NAMES = SUPERVISED_TERMS + PSEUDO_TERMS + ALIGNMENT_TERMS
+
+
+def active_alignment_terms(weights: Mapping[str, Any]) -> list[str]:
+    """The alignment terms of ``weights`` (loss name -> weight) that actually run (non-zero)."""
+    return [t for t in ALIGNMENT_TERMS if float(weights.get(t, 0.0) or 0.0) != 0.0]
+
 #: what ``pseudo_box_focus`` puts the seeker's attention on: the pseudo box's patches, or only the
 #: patch at its centre (a teacher's box is more often centred on the product than right in extent)
 FOCUS_TARGETS = ("box", "centre")

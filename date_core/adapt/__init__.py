@@ -6,7 +6,8 @@
 - :mod:`.pseudo` — the pseudo box generator: ``predict_views`` per batch, then
   ``score_and_select`` over the whole target set, ``build_pseudo_labels``.
 - :mod:`.selftrain` — self-training shared by the Ray pipeline and the benchmark: the EMA
-  teacher, ``adaptation_step``, ``select_round``, ``label_target_set``.
+  teacher, ``adaptation_step``, ``select_round``, ``label_target_set``,
+  ``round_loss_weights`` (which terms train in which round).
 - :mod:`.mmd`, :mod:`.grl` — the building blocks.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ from .grl import GradientReversal, grad_reverse, grl_coefficient
 from .mmd import joint_mk_mmd, mk_mmd
 from .pseudo import (attach_pseudo_boxes, build_pseudo_labels, concat_predictions, kept_fraction, predict_views,
                      retrieval_hits, score_and_select, swap_partners)
-from .selftrain import (EMATeacher, LabelRound, adaptation_step, ema_decay_for, label_target_set, select_round,
-                        zoom_settings)
+from .selftrain import (EMATeacher, LabelRound, adaptation_step, ema_decay_for, label_target_set, round_loss_weights,
+                        select_round, zoom_settings)
 from .views import View, build_view, build_views, random_zoom_out
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "View", "build_view", "build_views",
     "predict_views", "concat_predictions", "retrieval_hits", "score_and_select", "kept_fraction",
     "build_pseudo_labels", "attach_pseudo_boxes", "swap_partners", "LabelRound", "label_target_set",
-    "select_round", "EMATeacher", "ema_decay_for", "adaptation_step", "zoom_settings", "random_zoom_out",
+    "select_round", "round_loss_weights", "EMATeacher", "ema_decay_for", "adaptation_step", "zoom_settings",
+    "random_zoom_out",
 ]

@@ -178,6 +178,26 @@ def select_round(pred: dict[str, np.ndarray], round_index: int, cfg_adapt: Mappi
     return LabelRound(round_index, pred, reliability, keep, labels, fraction)
 
 
+# ----------------------------------------------------------------------------- per round
+def round_loss_weights(weights: Mapping[str, Any], cfg_adapt: Mapping[str, Any], round_index: int) -> dict[str, Any]:
+    """The loss weights of self-training round ``round_index`` (0-based): ``weights`` with the
+    alignment terms (``align_*``, ``adversarial``) at zero before ``adapt.align_from_round``.
+
+    Why: the round that trains before the first labelling makes the teacher that labels the
+    target. On Freiburg live an aligned teacher's kept pseudo boxes were 19-37% right against
+    39-46% for an unaligned one, so alignment may wait until the pseudo boxes exist.
+    ``align_from_round: 0`` (the default) aligns in every round."""
+    from ..losses import ALIGNMENT_TERMS
+
+    start = int(cfg_adapt.get("align_from_round", 0) or 0)
+    if start < 0:
+        raise ValueError(f"adapt.align_from_round must be >= 0, got {start}")
+    out = dict(weights)
+    if round_index < start:
+        out.update({t: 0.0 for t in ALIGNMENT_TERMS if t in out})
+    return out
+
+
 # ----------------------------------------------------------------------------- the teacher
 def ema_decay_for(total_steps: int, cfg_adapt: Mapping[str, Any]) -> float:
     """The EMA teacher's decay for a run of ``total_steps`` optimiser steps.

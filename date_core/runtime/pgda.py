@@ -54,24 +54,28 @@ def load_state(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 def _round_cfg(cfg: Mapping[str, Any], r: int) -> dict[str, Any]:
     """Round r's training config: ``adapt.round_train`` overrides ``train`` from round 1 on
-    (later rounds start from trained weights and usually need fewer steps)."""
+    (later rounds start from trained weights and usually need fewer steps), and the alignment
+    weights are zero before ``adapt.align_from_round`` (:func:`round_loss_weights`)."""
+    from date_core.adapt import round_loss_weights
+
     out = copy.deepcopy(dict(cfg))
     if r > 0 and cfg["adapt"].get("round_train"):
         out["train"].update(cfg["adapt"]["round_train"])
+    out["loss"] = round_loss_weights(cfg["loss"], cfg["adapt"], r)
     return out
 
 
 def alignment_terms(cfg: Mapping[str, Any]) -> list[str]:
     """The alignment loss terms that actually run (non-zero weight)."""
-    from date_core.losses import ALIGNMENT_TERMS
+    from date_core.losses import active_alignment_terms
 
-    return [t for t in ALIGNMENT_TERMS if float(cfg["loss"].get(t, 0.0) or 0.0) != 0.0]
+    return active_alignment_terms(cfg["loss"])
 
 
 def describe_round(cfg: Mapping[str, Any], r: int) -> str:
     """What round ``r`` trains on, in the words of the results table (only what runs)."""
     parts = ["source", "target pairs"]
-    terms = alignment_terms(cfg)
+    terms = alignment_terms(_round_cfg(cfg, r))
     if terms:
         parts.append(f"align ({cfg['adapt'].get('aligner', 'mmd')}: "
                      + ", ".join(t.replace("align_", "") for t in terms) + ")")
@@ -113,16 +117,17 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
                 on_round: RoundHook | None = None, register: bool = True) -> dict[str, Any]:
     data, adapt = cfg["data"], cfg["adapt"]
     rounds = int(adapt["rounds"])
-    align = bool(alignment_terms(cfg))
     for r in range(len(state["rounds"]), rounds):
         prev = state["rounds"][-1] if state["rounds"] else None
         labels = read_pseudo(prev["pseudo"]) if prev else None
         print(f"[pgda] round {r + 1}/{rounds}: {describe_round(cfg, r)}"
               + (f" ({int(labels['kept'].to_numpy().sum())} pseudo boxes of round {r})" if labels is not None else ""),
               flush=True)
+        round_cfg = _round_cfg(cfg, r)
         stage = run_stage(
-            _round_cfg(cfg, r), f"{name}-round{r}", stage="pgda-round", experiment_id=experiment_id,
-            parent_run_id=parent_id, target=target_with_pseudo(cfg, labels), align=align,
+            round_cfg, f"{name}-round{r}", stage="pgda-round", experiment_id=experiment_id,
+            parent_run_id=parent_id, target=target_with_pseudo(cfg, labels),
+            align=bool(alignment_terms(round_cfg)),
             init_from=prev["model"] if prev else None, register=False,  # round 1: model.init_from, if set
             out_dir=work / f"round-{r}",
         )
@@ -167,7 +172,7 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
     tracking.end_run(parent_id, "FINISHED", uri)
     rows = results_rows(state, data["target_domain"], data["test_split"])
     print(format_results(rows, f"{data['target_domain']}_{data['test_split']}"), flush=True)
-    print(f"[pgda] final model: " + (f"registered {cfg['runtime']['registered_model']} version {version}; "
+    print("[pgda] final model: " + (f"registered {cfg['runtime']['registered_model']} version {version}; "
                                      if version is not None else "not registered; ") +
           f"{data['source_domain']}_{data['test_split']} pg/acc@0.5 "
           f"{metrics.get(data['source_domain'] + '_' + data['test_split'] + '/pg/acc@0.5', float('nan')):.3f}", flush=True)
