@@ -9,7 +9,7 @@ import torch
 from date_core import batch as B
 from date_core import build_model
 from date_core.adapt import (EMATeacher, adaptation_step, build_views, concat_predictions, ema_decay_for,
-                             label_target_set, predict_views, select_round, swap_partners)
+                             label_target_set, predict_views, round_loss_weights, select_round, swap_partners)
 from date_core.engine import build_optimizer
 from date_core.losses import DateCriterion
 
@@ -34,6 +34,28 @@ def test_ema_decay_follows_the_run_length_or_the_config():
     assert ema_decay_for(200, {"ema_decay": 0.99}) == 0.99
     with pytest.raises(ValueError):
         ema_decay_for(200, {"ema_decay": 1.0})
+
+
+def test_alignment_waits_for_its_round_and_the_pipeline_rounds_follow():
+    from date_core.config import default_config
+    from date_core.runtime.pgda import _round_cfg, alignment_terms, describe_round
+
+    weights = {"retrieval": 1.0, "box_l1": 5.0, "pseudo_box_focus": 0.5, "align_marginal_image": 0.3,
+               "align_conditional": 1.0, "adversarial": 0.1}
+    late = {"align_from_round": 1}
+    first, second, third = (round_loss_weights(weights, late, r) for r in range(3))
+    assert first == {**weights, "align_marginal_image": 0.0, "align_conditional": 0.0, "adversarial": 0.0}
+    assert second == weights and third == weights
+    assert round_loss_weights(weights, {}, 0) == weights          # the default aligns from the start
+    with pytest.raises(ValueError, match="align_from_round"):
+        round_loss_weights(weights, {"align_from_round": -1}, 0)
+    # the pipeline's rounds: round 1 trains (and is described) without alignment, round 2 with it
+    cfg = default_config()
+    cfg["loss"]["align_conditional"] = 1.0
+    cfg["adapt"]["align_from_round"] = 1
+    assert alignment_terms(_round_cfg(cfg, 0)) == [] and alignment_terms(_round_cfg(cfg, 1)) == ["align_conditional"]
+    assert "align" not in describe_round(cfg, 0) and "align (mmd: conditional)" in describe_round(cfg, 1)
+    assert cfg["loss"]["align_conditional"] == 1.0                 # the job's own config is left alone
 
 
 def test_teacher_averages_trained_weights_and_ignores_frozen_ones():

@@ -39,6 +39,33 @@ def test_quick_ablation_runs_every_row_with_the_control(tmp_path, monkeypatch):
     assert set(saved["benchmarks"]["productworld"]["rows"]) == set(pgda_ablation.ROWS)
 
 
+def test_late_alignment_labels_as_pseudo_only_and_aligns_only_after(tmp_path, monkeypatch):
+    """``adapt.align_from_round=1``: full DATE's first round is pseudo-labels-only's first round
+    (the same teacher labels the same pairs), and the aligner runs only in the second round."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pgda_ablation", None)
+    import pgda_ablation
+
+    aligned = []
+    real_step = pgda_ablation.adaptation_step
+
+    def recording_step(*args, **kwargs):
+        if kwargs.get("aligner") is not None or aligned:
+            aligned.append(kwargs.get("aligner") is not None)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pgda_ablation, "adaptation_step", recording_step)
+    out = pgda_ablation.main(["--quick", "--threads", "1", "--rows", "pseudo_only,full_date", "--name", "late",
+                              "--set", "adapt.align_from_round=1", "--results-dir", str(tmp_path)])
+    runs = {r["row"]: r for r in out["runs"]}
+    first = [runs[row]["rounds"][0] for row in ("pseudo_only", "full_date")]
+    for key in ("n_kept", "reliability_mean", "agreement_mean", "centre_precision"):
+        assert first[0][key] == pytest.approx(first[1][key], abs=1e-6), key
+    # quick: 6 steps, labelled after 3: the aligner is in exactly the last 3 of full DATE's steps
+    assert aligned == [True, True, True]
+    assert runs["full_date"]["loss_weights"]["align_conditional"] == 1.0
+
+
 def test_gpu_description_does_not_touch_cuda_before_the_pool_forks(monkeypatch):
     """The ablation's parent writes a partial result (with the hardware) between forking pool
     workers; asking torch about CUDA there would break CUDA in every later worker."""
