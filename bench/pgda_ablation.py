@@ -27,6 +27,7 @@ differs from the pipeline (tensors in memory here, Ray Data there).
     python bench/pgda_ablation.py --quick                      # a smoke run of the whole path
     python bench/pgda_ablation.py --benchmarks productworld --rows source_only,oracle --seeds 1
     python bench/pgda_ablation.py --jobs 2                     # two processes of one thread each
+    python bench/pgda_ablation.py --rows full_date --set adapt.align_from_round=1   # align after the first labels
     python bench/pgda_ablation.py --merge bench/results/a.json bench/results/b.json
 
 Writes ``bench/results/<name>.json``: ``{"benchmarks": {"<name>": {"rows": {"<row>":
@@ -312,7 +313,8 @@ def run_one(job: tuple) -> dict:
                   + ", ".join(f"{k} {v:.3f}" for k, v in by_signal.items() if k != "all" and "/" not in k)
                   + "; centre on target by " + ", ".join(f"{k[7:]} {v:.3f}" for k, v in by_signal.items()
                                                           if k.startswith("centre/") and k != "centre/all"), flush=True)
-        criterion = build_criterion(round_weights[r], gather=False, pseudo_focus=adapt.get("pseudo_focus", "centre"))
+        criterion = build_criterion(round_weights[r], gather=False,
+                                    pseudo_focus=adapt.get("pseudo_focus", "centre"))
         round_aligner = aligner if aligned[r] else None
         for step in range(bounds[r], bounds[r + 1]):
             src = hflip(take(data["source_train"], rng.choice(n_src, args.batch_size, replace=False)), rng)
@@ -326,7 +328,8 @@ def run_one(job: tuple) -> dict:
             progress = (step - align_start) / max(1, args.steps - align_start)
             logs = adaptation_step(student, criterion, src, optimizer, scheduler, target_batch=tgt,
                                    aligner=round_aligner, teacher=teacher, progress=progress, device=device,
-                                   autocast_dtype=amp, zoom_out=zoom_settings(cfg_train), strong_aug=bool(adapt.get("strong_aug", False)))
+                                   autocast_dtype=amp, zoom_out=zoom_settings(cfg_train),
+                                   strong_aug=bool(adapt.get("strong_aug", False)))
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 m = evaluate(teacher.model, batches(data["target_test"], 64), device=device, autocast_dtype=amp)
                 curve.append({"step": step + 1, "acc@0.5": m["pg/acc@0.5"], "mIoU": m["pg/mIoU"]})

@@ -184,8 +184,9 @@ def round_loss_weights(weights: Mapping[str, Any], cfg_adapt: Mapping[str, Any],
     alignment terms (``align_*``, ``adversarial``) at zero before ``adapt.align_from_round``.
 
     Why: the round that trains before the first labelling makes the teacher that labels the
-    target. On Freiburg live an aligned teacher's kept pseudo boxes were 19-37% right against
-    39-46% for an unaligned one, so alignment may wait until the pseudo boxes exist.
+    target, and on Freiburg live an aligned teacher's kept pseudo boxes were 19-37% right against
+    39-46% for an unaligned one. With ``align_from_round: 1`` the first labels are those of
+    pseudo-labels alone (measured there: alignment in round 2 then adds nothing, BENCHMARKS.md).
     ``align_from_round: 0`` (the default) aligns in every round."""
     from ..losses import ALIGNMENT_TERMS
 
