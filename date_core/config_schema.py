@@ -161,6 +161,8 @@ SCHEMA = Section({
         "min_reliability": Key(float, "pairs at or below this reliability are never kept"),
         "views": Key(list[str], "teacher views for pseudo-labelling (identity, hflip, scale_0.9, ...)"),
         "consensus": Key(Literal["median", "mean"], "how the views' boxes combine"),
+        "focus_zoom": Key(Optional[float], "the views see each pair zoomed in by this about the first box's "
+                          "centre (null = off)"),
         "strong_aug": Key(bool, "the student trains on strongly augmented target pixels (colour, blur, cutout)"),
         "pseudo_focus": Key(Literal["box", "centre"], "pseudo_box_focus targets the box's patches or its centre patch"),
         "reliability": Section({s: Key(float, "weight of the reliability signal")

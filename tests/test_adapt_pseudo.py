@@ -72,6 +72,40 @@ def test_embeddings_come_from_the_unaugmented_image_even_without_identity_view()
     np.testing.assert_allclose(pred["image_emb"][:, 0], expected.numpy(), atol=1e-6)
 
 
+class _SourceSizedModel(LocalisingModel):
+    """A teacher whose size head never draws a box under 0.25 of the side (it learned the source's
+    scale): it finds the product but draws a small one too big, except when zoomed in."""
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        out = super().forward(pixel_values, input_ids, attention_mask)
+        boxes = out["pred_boxes"]
+        out["pred_boxes"] = torch.cat([boxes[:, :2], boxes[:, 2:].clamp(min=0.25)], dim=1)
+        return out
+
+
+def test_focus_zoom_lets_a_source_sized_teacher_draw_small_products_their_size():
+    batch = _batch(confused=())
+    true = batch["true_boxes"]                          # products 0.19-0.38 of the side
+    views = build_views(["identity", "hflip"])
+    plain = predict_views(_SourceSizedModel(), batch, views)
+    zoomed = predict_views(_SourceSizedModel(), batch, views, focus_zoom=2.0)
+    small = (true[:, 2:] < 0.25).any(axis=1)
+    assert small.any()
+    assert (plain["box"][small][:, 2:] >= 0.25 - 1e-6).all()       # too big without the zoom
+    np.testing.assert_allclose(zoomed["box"], true, atol=1e-5)      # right with it, mapped back exactly
+    np.testing.assert_allclose(zoomed["view_boxes"], np.repeat(true[:, None], 2, 1), atol=1e-5)
+    # the embeddings stay those of the whole, unzoomed image
+    np.testing.assert_allclose(zoomed["image_emb"], plain["image_emb"], atol=1e-6)
+    # a zoom of 1 changes nothing; the config value is checked
+    same = predict_views(_SourceSizedModel(), batch, views, focus_zoom=1.0)
+    np.testing.assert_allclose(same["box"], plain["box"], atol=1e-6)
+    from date_core.adapt import focus_zoom_of
+
+    assert focus_zoom_of({}) is None and focus_zoom_of({"focus_zoom": 1.5}) == 1.5
+    with pytest.raises(ValueError, match="focus_zoom"):
+        focus_zoom_of({"focus_zoom": 0.5})
+
+
 def test_unreliable_pairs_are_dropped():
     batch = _batch(n=8, confused=(0, 5))
     pred = predict_views(LocalisingModel(), batch, build_views(["identity", "hflip", "scale_0.5"]))

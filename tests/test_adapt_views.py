@@ -124,3 +124,28 @@ def test_random_zoom_out_shrinks_images_and_moves_their_boxes_exactly():
     assert same["pixel_values"] is pixels
     with pytest.raises(ValueError):
         random_zoom_out({"pixel_values": pixels, "boxes": box}, (0.1, 0.8), prob=1.0)
+
+
+def test_focus_puts_each_images_centre_in_the_middle_zoomed_and_maps_back_exactly():
+    from date_core.adapt import Focus
+
+    # Two images, two centres: every zoomed edge falls on a pixel edge (S = 64, zoom 2).
+    boxes_px = [(24, 20, 40, 36), (8, 8, 24, 16)]
+    pixels = torch.cat([_painted(b) for b in boxes_px])
+    original = torch.stack([_extent_cxcywh(_painted(b)) for b in boxes_px])
+    focus = Focus(2.0, original[:, :2])
+    zoomed = focus.apply(pixels)
+    assert focus.name == "focus_2"
+    for i in range(2):
+        found = _extent_cxcywh(zoomed[i:i + 1])
+        assert torch.allclose(found[:2], torch.tensor([0.5, 0.5]), atol=1e-6)      # the centre moved to the middle
+        assert torch.allclose(found[2:], 2 * original[i, 2:], atol=1e-6)           # twice as large
+        assert torch.allclose(focus.boxes_to_view(original)[i], found, atol=1e-6)
+    assert torch.allclose(focus.boxes_to_original(focus.boxes_to_view(original)), original, atol=1e-6)
+    # per-sample maps broadcast over extra box dimensions ([N, M, 4]) too
+    many = original[:, None].expand(2, 3, 4)
+    assert torch.allclose(focus.boxes_to_original(focus.boxes_to_view(many)), many, atol=1e-6)
+    with pytest.raises(ValueError, match="centres"):
+        Focus(2.0, original[:1, :2]).apply(pixels)
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        Focus(2.0, original)

@@ -18,9 +18,9 @@ from .grl import GradientReversal, grad_reverse, grl_coefficient
 from .mmd import joint_mk_mmd, mk_mmd
 from .pseudo import (attach_pseudo_boxes, build_pseudo_labels, concat_predictions, kept_fraction, predict_views,
                      retrieval_hits, score_and_select, swap_partners)
-from .selftrain import (EMATeacher, LabelRound, adaptation_step, ema_decay_for, label_target_set, round_loss_weights,
-                        select_round, zoom_settings)
-from .views import View, build_view, build_views, random_zoom_out
+from .selftrain import (EMATeacher, LabelRound, adaptation_step, ema_decay_for, focus_zoom_of, label_target_set,
+                        round_loss_weights, select_round, zoom_settings)
+from .views import Focus, View, build_view, build_views, random_zoom_out
 
 __all__ = [
     "ADVERSARIAL", "CONDITIONAL", "MARGINAL_IMAGE", "MARGINAL_QUERY",
@@ -30,5 +30,5 @@ __all__ = [
     "predict_views", "concat_predictions", "retrieval_hits", "score_and_select", "kept_fraction",
     "build_pseudo_labels", "attach_pseudo_boxes", "swap_partners", "LabelRound", "label_target_set",
     "select_round", "round_loss_weights", "EMATeacher", "ema_decay_for", "adaptation_step", "zoom_settings",
-    "random_zoom_out",
+    "random_zoom_out", "Focus", "focus_zoom_of",
 ]

@@ -155,17 +155,30 @@ def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
         views: from :func:`~date_core.adapt.views.build_views`.
         round_index: 0-based labelling round (selects the kept fraction of ``keep_schedule``).
         cfg_adapt: the ``adapt`` config section (see :func:`~date_core.adapt.pseudo.score_and_select`);
-            ``consensus`` (median | mean) is read from it unless given.
+            ``consensus`` (median | mean) is read from it unless given, and ``focus_zoom``
+            (see :func:`~date_core.adapt.pseudo.predict_views`).
         keep_annotations: carry hidden target boxes through for :meth:`LabelRound.summary`'s
             precision (monitoring only).
     """
     consensus = consensus or cfg_adapt.get("consensus", "median")
     sens = bool(cfg_adapt.get("sensitivity_pass", True))
+    zoom = focus_zoom_of(cfg_adapt)
     parts = [predict_views(model, b, views, consensus=consensus, keep_annotations=keep_annotations,
-                           sensitivity=sens) for b in batches]
+                           sensitivity=sens, focus_zoom=zoom) for b in batches]
     if not parts:
         raise ValueError("label_target_set got no target batches")
     return select_round(concat_predictions(parts), round_index, cfg_adapt)
+
+
+def focus_zoom_of(cfg_adapt: Mapping[str, Any]) -> float | None:
+    """``adapt.focus_zoom`` checked: ``None`` (off) or a zoom factor ``>= 1``."""
+    zoom = cfg_adapt.get("focus_zoom")
+    if zoom is None:
+        return None
+    zoom = float(zoom)
+    if not 1.0 <= zoom <= 4.0:
+        raise ValueError(f"adapt.focus_zoom must be null or lie in [1, 4], got {zoom}")
+    return zoom
 
 
 def select_round(pred: dict[str, np.ndarray], round_index: int, cfg_adapt: Mapping[str, Any]) -> LabelRound:

@@ -90,30 +90,14 @@ class Affine(View):
 
     def apply(self, pixel_values: torch.Tensor) -> torch.Tensor:
         _check_pixels(pixel_values)
-        b = pixel_values.shape[0]
-        # affine_grid maps output to input coordinates in [-1, 1] (u = 2x - 1): x = (x' - b) / a
-        # becomes u = u'/a + (1 - a - 2b)/a.
-        theta = pixel_values.new_tensor([
-            [1.0 / self.a, 0.0, (1.0 - self.a - 2.0 * self.bx) / self.a],
-            [0.0, 1.0 / self.a, (1.0 - self.a - 2.0 * self.by) / self.a],
-        ]).expand(b, 2, 3)
-        grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
-        # grid_sample pads with 0; sample the offset from the pad grey so the padding is exactly grey.
-        pad = pixel_values.new_tensor(PAD_NORMALISED).view(1, 3, 1, 1)
-        out = F.grid_sample(pixel_values - pad, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out + pad
+        one = pixel_values.new_ones(pixel_values.shape[0])
+        return affine_resample(pixel_values, self.a * one, self.bx * one, self.by * one)
 
     def boxes_to_view(self, boxes: torch.Tensor) -> torch.Tensor:
-        return torch.stack([
-            self.a * boxes[..., 0] + self.bx, self.a * boxes[..., 1] + self.by,
-            self.a * boxes[..., 2], self.a * boxes[..., 3],
-        ], dim=-1)
+        return map_boxes(boxes, self.a, self.bx, self.by)
 
     def boxes_to_original(self, boxes: torch.Tensor) -> torch.Tensor:
-        return torch.stack([
-            (boxes[..., 0] - self.bx) / self.a, (boxes[..., 1] - self.by) / self.a,
-            boxes[..., 2] / self.a, boxes[..., 3] / self.a,
-        ], dim=-1)
+        return unmap_boxes(boxes, self.a, self.bx, self.by)
 
 
 class Scale(Affine):
@@ -128,6 +112,43 @@ class Shift(Affine):
 
     def __init__(self, dx: float, dy: float) -> None:
         super().__init__(1.0, dx, dy, f"shift_{dx:g}_{dy:g}")
+
+
+class Focus(View):
+    """Zoom by ``zoom`` about a point of each image (``centres [N, 2]``, x and y in [0, 1]), which
+    lands at the middle of the view: ``x' = zoom * (x - c) + 0.5``, per sample.
+
+    The pseudo box generator's zoom-in: a product that the target shows smaller than the source
+    did is seen at about the source's scale, where the size head was trained (``adapt.focus_zoom``,
+    :func:`~date_core.adapt.pseudo.predict_views`). The centres are the model's own first guess."""
+
+    def __init__(self, zoom: float, centres: torch.Tensor) -> None:
+        if not zoom > 0:
+            raise ValueError(f"focus zoom must be > 0, got {zoom}")
+        if centres.ndim != 2 or centres.shape[1] != 2:
+            raise ValueError(f"focus centres must be [N, 2], got shape {tuple(centres.shape)}")
+        c = centres.detach().float().clamp(0.0, 1.0)
+        self.a = torch.full_like(c[:, 0], float(zoom))
+        self.bx, self.by = 0.5 - self.a * c[:, 0], 0.5 - self.a * c[:, 1]
+        self.name = f"focus_{zoom:g}"
+
+    def apply(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        _check_pixels(pixel_values)
+        if pixel_values.shape[0] != self.a.shape[0]:
+            raise ValueError(f"{self.name}: {self.a.shape[0]} centres for {pixel_values.shape[0]} images")
+        dev = pixel_values.device
+        return affine_resample(pixel_values, self.a.to(dev), self.bx.to(dev), self.by.to(dev))
+
+    def boxes_to_view(self, boxes: torch.Tensor) -> torch.Tensor:
+        return map_boxes(boxes, *self._per_sample(boxes))
+
+    def boxes_to_original(self, boxes: torch.Tensor) -> torch.Tensor:
+        return unmap_boxes(boxes, *self._per_sample(boxes))
+
+    def _per_sample(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The zoom and offsets shaped to broadcast over ``boxes [N, ..., 4]``."""
+        shape = (-1,) + (1,) * (boxes.dim() - 2)
+        return tuple(v.to(boxes.device, boxes.dtype).view(shape) for v in (self.a, self.bx, self.by))
 
 
 class Compose(View):
@@ -153,6 +174,31 @@ class Compose(View):
         for v in reversed(self.views):
             boxes = v.boxes_to_original(boxes)
         return boxes
+
+
+def affine_resample(pixels: torch.Tensor, a: torch.Tensor, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+    """Resample ``pixels [B, 3, S, S]`` under the per-sample map ``x' = a x + bx``, ``y' = a y + by``
+    of the unit square (``a, bx, by [B]``); what comes from outside the image is the pad grey."""
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    # affine_grid maps output to input coordinates in [-1, 1] (u = 2x - 1): x = (x' - b) / a
+    # becomes u = u'/a + (1 - a - 2b)/a.
+    theta = torch.stack([torch.stack([one / a, zero, (1 - a - 2 * bx) / a], -1),
+                         torch.stack([zero, one / a, (1 - a - 2 * by) / a], -1)], 1).to(pixels.dtype)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    # grid_sample pads with 0; sample the offset from the pad grey so the padding is exactly grey.
+    pad = pixels.new_tensor(PAD_NORMALISED).view(1, 3, 1, 1)
+    return F.grid_sample(pixels - pad, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + pad
+
+
+def map_boxes(boxes: torch.Tensor, a, bx, by) -> torch.Tensor:
+    """Boxes ``[..., 4]`` cxcywh under ``x' = a x + bx`` (``a, bx, by``: numbers or tensors that
+    broadcast over the leading dimensions)."""
+    return torch.stack([a * boxes[..., 0] + bx, a * boxes[..., 1] + by, a * boxes[..., 2], a * boxes[..., 3]], dim=-1)
+
+
+def unmap_boxes(boxes: torch.Tensor, a, bx, by) -> torch.Tensor:
+    """The exact inverse of :func:`map_boxes`."""
+    return torch.stack([(boxes[..., 0] - bx) / a, (boxes[..., 1] - by) / a, boxes[..., 2] / a, boxes[..., 3] / a], dim=-1)
 
 
 def _check_pixels(pixel_values: torch.Tensor) -> None:
@@ -230,20 +276,12 @@ def random_zoom_out(batch: dict, zoom: Sequence[float], prob: float, generator: 
     a = torch.where(active, lo + (hi - lo) * u[:, 1], torch.ones_like(u[:, 1]))
     free = 1.0 - a
     bx, by = free * u[:, 2], free * torch.rand(n, generator=generator).to(dev)
-    zero, one = torch.zeros_like(a), torch.ones_like(a)
-    # as Affine.apply, per sample: output u' -> input u = u'/a + (1 - a - 2b)/a
-    theta = torch.stack([torch.stack([one / a, zero, (1 - a - 2 * bx) / a], -1),
-                         torch.stack([zero, one / a, (1 - a - 2 * by) / a], -1)], 1).to(pixels.dtype)
-    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-    pad = pixels.new_tensor(PAD_NORMALISED).view(1, 3, 1, 1)
     out = dict(batch)
-    out["pixel_values"] = F.grid_sample(pixels - pad, grid, mode="bilinear", padding_mode="zeros",
-                                        align_corners=False) + pad
+    out["pixel_values"] = affine_resample(pixels, a, bx, by)
 
     def move(boxes: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (boxes.dim() - 2)
-        aa, xx, yy = a.view(shape).to(boxes.dtype), bx.view(shape).to(boxes.dtype), by.view(shape).to(boxes.dtype)
-        moved = torch.stack([aa * boxes[..., 0] + xx, aa * boxes[..., 1] + yy, aa * boxes[..., 2], aa * boxes[..., 3]], -1)
+        moved = map_boxes(boxes, *(v.view(shape).to(boxes.dtype) for v in (a, bx, by)))
         return torch.where(boxes[..., 2:3] > 0, moved, boxes)  # empty (zero) slots stay empty
 
     for key in ("boxes", "alt_boxes"):

@@ -22,7 +22,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from date_core.adapt.pseudo import concat_predictions
-from date_core.adapt.selftrain import LabelRound, select_round
+from date_core.adapt.selftrain import LabelRound, focus_zoom_of, select_round
 from date_core.data import io, storage
 
 COMMIT_FILE = "_COMMITTED.json"
@@ -37,7 +37,7 @@ class TargetLabeler:
     """Ray Data actor: contract rows -> per-pair predictions under the configured views."""
 
     def __init__(self, model_dir: str, tokenizer: str, views: list[str], consensus: str, use_gpu: bool,
-                 sensitivity: bool = True):
+                 sensitivity: bool = True, focus_zoom: float | None = None):
         import torch
 
         from date_core.adapt.views import build_views
@@ -52,6 +52,7 @@ class TargetLabeler:
         self.views = build_views(views)
         self.consensus = consensus
         self.sensitivity = sensitivity
+        self.focus_zoom = focus_zoom
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from date_core.adapt.pseudo import predict_views
@@ -59,7 +60,7 @@ class TargetLabeler:
         batch = self.transform(rows)
         out = predict_views(self.model, batch, self.views, consensus=self.consensus,
                             keep_annotations="box" in rows,  # hidden boxes: precision only
-                            sensitivity=self.sensitivity)
+                            sensitivity=self.sensitivity, focus_zoom=self.focus_zoom)
         out["pair_id"] = np.asarray(rows["pair_id"], dtype=object)
         return out
 
@@ -75,7 +76,8 @@ def label_target(cfg: Mapping[str, Any], model_dir: str, tokenizer: str, round_i
         TargetLabeler, batch_size=int(adapt.get("label_batch_size", 64)), batch_format="numpy",
         fn_constructor_kwargs=dict(model_dir=str(model_dir), tokenizer=tokenizer, views=list(adapt["views"]),
                                    consensus=adapt.get("consensus", "median"), use_gpu=use_gpu,
-                                   sensitivity=bool(adapt.get("sensitivity_pass", True))),
+                                   sensitivity=bool(adapt.get("sensitivity_pass", True)),
+                                   focus_zoom=focus_zoom_of(adapt)),
         compute=ActorPoolStrategy(size=int(adapt.get("label_actors", 1))),
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else float(adapt.get("label_cpus", 1)),
     )
