@@ -41,7 +41,7 @@ def active_alignment_terms(weights: Mapping[str, Any]) -> list[str]:
 #: patch at its centre (a teacher's box is more often centred on the product than right in extent)
 FOCUS_TARGETS = ("box", "centre")
 DEFAULT_WEIGHTS = {"retrieval": 1.0, "box_l1": 5.0, "box_giou": 2.0, "confidence": 1.0, "box_focus": 1.0,
-                   "pseudo_box_l1": 0.0, "pseudo_box_giou": 0.0, "pseudo_box_focus": 0.5,
+                   "pseudo_box_l1": 2.5, "pseudo_box_giou": 1.0, "pseudo_box_focus": 0.5,
                    "align_marginal_image": 0.0, "align_marginal_query": 0.0,
                    "align_conditional": 0.0, "adversarial": 0.0}
 

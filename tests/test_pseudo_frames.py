@@ -112,7 +112,7 @@ def test_ray_path_parquet_join_redecode_flip_zoom_keeps_box_and_pixels_together(
     # The real actor's __call__ (decode, views, pair_id); only its model loading is skipped.
     labeler = TargetLabeler.__new__(TargetLabeler)
     labeler.model, labeler.transform, labeler.views = model, BatchTransform(tok, S, L, train=False), build_views(VIEWS)
-    labeler.consensus, labeler.sensitivity = "median", False
+    labeler.consensus, labeler.sensitivity, labeler.focus_zoom = "median", False, None
     from date_core.adapt.selftrain import select_round
 
     table = pseudo_table(select_round(labeler(dict(rows)), 0, ADAPT))

@@ -100,9 +100,10 @@ def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Seque
         focus_zoom: zoom in (``> 1``) about each pair's first box centre before the views, so
             every view sees the product about ``focus_zoom`` times larger (:class:`~.views.Focus`);
             boxes map back exactly. Why: a seeker trained on the source draws target products
-            that are smaller than the source's at source sizes (on Freiburg live a source-only
-            model's boxes were 1.5x too big in area; zoomed 1.5x they were 0.94x and right at
-            IoU 0.5 for 0.52 of the pairs against 0.35). One extra forward pass (the first guess).
+            that are smaller than the source's at source sizes (Freiburg live: its boxes 1.5-1.9x
+            too big in area); zoomed 1.5x, the first teacher's boxes were right at IoU 0.5 for
+            42-49% of the target pairs against 22-26% (BENCHMARKS.md). One extra forward pass
+            (the first guess).
     Returns numpy arrays (N = batch size, V = number of views):
         ``view_boxes [N, V, 4]`` cxcywh in the original square, clipped to [0, 1];
         ``box [N, 4]`` consensus, cxcywh; ``agreement [N]`` mean pairwise IoU of the views'
