@@ -12,6 +12,9 @@ the centre by ``f``: ``f < 1`` shrinks and pads, ``f > 1`` crops), ``shift_<d>``
 ``shift_<dx>_<dy>`` (translate by a fraction of the side, padding what comes in), and
 compositions joined with ``+`` (``hflip+scale_0.9``: the flip first). Padding uses the
 letterbox's grey (``imaging.PAD_VALUE``) so that a view looks like a letterboxed image.
+
+:class:`Focus` is the one per-sample view: a zoom about each image's own point (the teacher's
+first box centre). It has no config name; ``adapt.focus_zoom`` puts it before every view.
 """
 from __future__ import annotations
 
