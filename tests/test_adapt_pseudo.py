@@ -96,7 +96,8 @@ def test_focus_zoom_lets_a_source_sized_teacher_draw_small_products_their_size()
     np.testing.assert_allclose(zoomed["view_boxes"], np.repeat(true[:, None], 2, 1), atol=1e-5)
     # the embeddings stay those of the whole, unzoomed image
     np.testing.assert_allclose(zoomed["image_emb"], plain["image_emb"], atol=1e-6)
-    # a zoom of 1 changes nothing; the config value is checked
+    # a zoom of 1 only moves each first centre to the middle: a teacher that finds the rectangle
+    # wherever it is gives the same boxes. The config value is checked
     same = predict_views(_SourceSizedModel(), batch, views, focus_zoom=1.0)
     np.testing.assert_allclose(same["box"], plain["box"], atol=1e-6)
     from date_core.adapt import focus_zoom_of

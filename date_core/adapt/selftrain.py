@@ -171,7 +171,8 @@ def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
 
 
 def focus_zoom_of(cfg_adapt: Mapping[str, Any]) -> float | None:
-    """``adapt.focus_zoom`` checked: ``None`` (off) or a zoom factor ``>= 1``."""
+    """``adapt.focus_zoom`` checked: ``None`` (off) or a zoom factor in [1, 4] (1 only moves each
+    pair's first box centre to the middle of the view, without zooming)."""
     zoom = cfg_adapt.get("focus_zoom")
     if zoom is None:
         return None
