@@ -260,3 +260,16 @@ def test_signal_precision_tells_which_signal_finds_right_boxes():
     # Without hidden boxes there is nothing to measure.
     plain = {k: v for k, v in pred.items() if not k.startswith("gt_")}
     assert LabelRound(0, plain, reliability, np.zeros(10, bool), {}, 0.3).signal_precision(0.3) == {}
+
+
+def test_label_threads_default_to_the_reserved_cpus_and_are_checked():
+    pytest.importorskip("ray")
+    from date_core.runtime.labeling import label_threads
+
+    # Ray pins an actor's torch to its reserved CPUs (OMP_NUM_THREADS): null keeps that count
+    assert label_threads({"label_threads": None, "label_cpus": 1}) == 1
+    assert label_threads({"label_threads": None, "label_cpus": 0.25}) == 1
+    assert label_threads({"label_cpus": 4}) == 4
+    assert label_threads({"label_threads": 2, "label_cpus": 1}) == 2
+    with pytest.raises(ValueError, match="label_threads"):
+        label_threads({"label_threads": 0})

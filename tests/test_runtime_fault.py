@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -88,6 +89,8 @@ def test_killed_worker_resumes_from_s3_checkpoint(s3_ray, pw_dataset, tmp_path):
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root))]
     assert any(n.startswith("checkpoint_") for n in names)
     assert (result.model_dir / "model.safetensors").is_file()
+    # whatever scratch folder the killed worker held was swept by the next report on the node
+    assert not list(Path(tempfile.gettempdir()).glob(f"date-scratch-*-{killed[0]}-*"))
 
 
 def test_each_worker_reads_its_own_copy_of_a_checkpoint(tmp_path):

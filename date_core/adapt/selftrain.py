@@ -161,7 +161,7 @@ def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
             precision (monitoring only).
     """
     consensus = consensus or cfg_adapt.get("consensus", "median")
-    sens = bool(cfg_adapt.get("sensitivity_pass", True))
+    sens = bool(cfg_adapt.get("sensitivity_pass", False))
     zoom = focus_zoom_of(cfg_adapt)
     parts = [predict_views(model, b, views, consensus=consensus, keep_annotations=keep_annotations,
                            sensitivity=sens, focus_zoom=zoom) for b in batches]

@@ -37,13 +37,15 @@ class TargetLabeler:
     """Ray Data actor: contract rows -> per-pair predictions under the configured views."""
 
     def __init__(self, model_dir: str, tokenizer: str, views: list[str], consensus: str, use_gpu: bool,
-                 sensitivity: bool = True, focus_zoom: float | None = None):
+                 sensitivity: bool = True, focus_zoom: float | None = None, torch_threads: int | None = None):
         import torch
 
         from date_core.adapt.views import build_views
         from date_core.data.transforms import BatchTransform
         from date_core.inference import load_model
 
+        if torch_threads:  # Ray sets OMP_NUM_THREADS to the actor's CPUs, so torch would use that many
+            torch.set_num_threads(int(torch_threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         with storage.local_dir(model_dir) as local:
             self.model = load_model(local, device=device)
@@ -65,6 +67,17 @@ class TargetLabeler:
         return out
 
 
+def label_threads(adapt: Mapping[str, Any]) -> int:
+    """Torch threads of a labelling actor: ``adapt.label_threads``, or (null) its reserved
+    ``adapt.label_cpus``, at least 1."""
+    threads = adapt.get("label_threads")
+    if threads is None:
+        threads = max(1, int(float(adapt.get("label_cpus", 1))))
+    if int(threads) < 1:
+        raise ValueError(f"adapt.label_threads must be >= 1 or null, got {threads}")
+    return int(threads)
+
+
 def label_target(cfg: Mapping[str, Any], model_dir: str, tokenizer: str, round_index: int) -> LabelRound:
     """Predict, score and select over the whole target train split; returns the round."""
     data, adapt, rt = cfg["data"], cfg["adapt"], cfg["runtime"]
@@ -76,8 +89,8 @@ def label_target(cfg: Mapping[str, Any], model_dir: str, tokenizer: str, round_i
         TargetLabeler, batch_size=int(adapt.get("label_batch_size", 64)), batch_format="numpy",
         fn_constructor_kwargs=dict(model_dir=str(model_dir), tokenizer=tokenizer, views=list(adapt["views"]),
                                    consensus=adapt.get("consensus", "median"), use_gpu=use_gpu,
-                                   sensitivity=bool(adapt.get("sensitivity_pass", True)),
-                                   focus_zoom=focus_zoom_of(adapt)),
+                                   sensitivity=bool(adapt.get("sensitivity_pass", False)),
+                                   focus_zoom=focus_zoom_of(adapt), torch_threads=label_threads(adapt)),
         compute=ActorPoolStrategy(size=int(adapt.get("label_actors", 1))),
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else float(adapt.get("label_cpus", 1)),
     )

@@ -18,7 +18,6 @@ beside it is ignored there): ``model.init_from=models:/<name>/<version>`` starts
 from __future__ import annotations
 
 import itertools
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +27,7 @@ import ray.train
 import torch
 
 from date_core.runtime import session, tracking
+from date_core.runtime.scratch import scratch_dir
 from date_core.runtime.supervised import StageResult
 from date_core.runtime.trainer import (MODEL_DIR, TRAIN_STATE, _Tracker, build_trainer, checkpoint_model_dir,
                                        init_model, worker_checkpoint_dir, worker_setup)
@@ -76,7 +76,7 @@ def _save(tmp: str, pretrainer, optimizer, scheduler, tokenizer, state: dict, me
 
 
 def _report(pretrainer, optimizer, scheduler, tokenizer, state, rank, metrics) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("ckpt") as tmp:  # removed even if this worker is killed mid-report
         ckpt = _save(tmp, pretrainer, optimizer, scheduler, tokenizer, state, metrics) if rank == 0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -33,6 +32,7 @@ from ray.train.torch import TorchTrainer
 from date_core.data import storage
 from date_core.engine import autocast_dtype
 from date_core.runtime.dataio import read_pairs, to_model_batches
+from date_core.runtime.scratch import scratch_dir
 from date_core.text import load_tokenizer
 
 TRAIN_STATE = "train_state.pt"
@@ -278,7 +278,7 @@ def _quiet_report_log(level: str) -> None:
 
 def _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank, metrics) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("ckpt") as tmp:  # removed even if this worker is killed mid-report
         ckpt = _save(tmp, model, optimizer, scheduler, aligner, teacher, tokenizer, state, metrics) if rank == 0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -354,7 +354,7 @@ def worker_checkpoint_dir(checkpoint: Checkpoint) -> Iterator[Path]:
     again while the others read it (ray-project/ray#48726): a 2-worker resume from S3 read a
     truncated weights file ("header too small"). A private folder per worker has no such race;
     the cost is one download per worker instead of per node."""
-    with tempfile.TemporaryDirectory(prefix="date-resume-") as tmp:
+    with scratch_dir("resume") as tmp:
         checkpoint.to_directory(tmp)
         yield Path(tmp)
 
