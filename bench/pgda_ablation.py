@@ -28,6 +28,7 @@ differs from the pipeline (tensors in memory here, Ray Data there).
     python bench/pgda_ablation.py --benchmarks productworld --rows source_only,oracle --seeds 1
     python bench/pgda_ablation.py --jobs 2                     # two processes of one thread each
     python bench/pgda_ablation.py --rows full_date --set adapt.align_from_round=1   # align after the first labels
+    python bench/pgda_ablation.py --rows full_date --set adapt.align_until_round=1  # align only the first teacher
     python bench/pgda_ablation.py --merge bench/results/a.json bench/results/b.json
 
 Writes ``bench/results/<name>.json``: ``{"benchmarks": {"<name>": {"rows": {"<row>":

@@ -144,6 +144,7 @@ SCHEMA = Section({
         "size_reweight": Key(bool, "MMD aligner: weight source pairs to the target's (predicted) box sizes"),
         "protect_box": Key(bool, "project the conditional alignment gradient off the box head's input directions"),
         "align_from_round": Key(int, "alignment weights apply from this 0-based round on (0 = every round)"),
+        "align_until_round": Key(Optional[int], "alignment weights apply before this 0-based round only (null = every round)"),
         "mmd": Section({"multipliers": Key(list[float], "kernel bandwidth multipliers"),
                         "estimator": Key(Literal["unbiased", "biased"], "MMD estimator")}, "MK-MMD aligner"),
         "discriminator": Section({

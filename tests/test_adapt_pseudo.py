@@ -273,3 +273,13 @@ def test_label_threads_default_to_the_reserved_cpus_and_are_checked():
     assert label_threads({"label_threads": 2, "label_cpus": 1}) == 2
     with pytest.raises(ValueError, match="label_threads"):
         label_threads({"label_threads": 0})
+
+
+def test_sensitivity_pass_runs_when_asked_or_when_its_signal_is_weighed():
+    from date_core.adapt.selftrain import sensitivity_pass_of
+    from date_core.config import default_config
+
+    assert sensitivity_pass_of(default_config()["adapt"]) is False    # logged-only signal: off
+    assert sensitivity_pass_of({"sensitivity_pass": True}) is True
+    assert sensitivity_pass_of({"reliability": {"confidence": 1.0, "sensitivity": 0.5}}) is True
+    assert sensitivity_pass_of({"reliability": {"sensitivity": 0.0}}) is False

@@ -49,6 +49,13 @@ def test_alignment_waits_for_its_round_and_the_pipeline_rounds_follow():
     assert round_loss_weights(weights, {}, 0) == weights          # the default aligns from the start
     with pytest.raises(ValueError, match="align_from_round"):
         round_loss_weights(weights, {"align_from_round": -1}, 0)
+    early = {"align_until_round": 1}  # only the first labelling teacher aligns
+    assert round_loss_weights(weights, early, 0) == weights
+    assert round_loss_weights(weights, early, 1) == first == round_loss_weights(weights, early, 2)
+    assert round_loss_weights(weights, {"align_from_round": 1, "align_until_round": 2}, 1) == weights
+    assert round_loss_weights(weights, {"align_from_round": 1, "align_until_round": 2}, 2) == first
+    with pytest.raises(ValueError, match="align_until_round"):
+        round_loss_weights(weights, {"align_from_round": 1, "align_until_round": 1}, 0)
     # the pipeline's rounds: round 1 trains (and is described) without alignment, round 2 with it
     cfg = default_config()
     cfg["loss"]["align_conditional"] = 1.0

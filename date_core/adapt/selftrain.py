@@ -161,13 +161,20 @@ def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
             precision (monitoring only).
     """
     consensus = consensus or cfg_adapt.get("consensus", "median")
-    sens = bool(cfg_adapt.get("sensitivity_pass", False))
+    sens = sensitivity_pass_of(cfg_adapt)
     zoom = focus_zoom_of(cfg_adapt)
     parts = [predict_views(model, b, views, consensus=consensus, keep_annotations=keep_annotations,
                            sensitivity=sens, focus_zoom=zoom) for b in batches]
     if not parts:
         raise ValueError("label_target_set got no target batches")
     return select_round(concat_predictions(parts), round_index, cfg_adapt)
+
+
+def sensitivity_pass_of(cfg_adapt: Mapping[str, Any]) -> bool:
+    """Whether labelling runs the query-sensitivity pass: ``adapt.sensitivity_pass``, or any
+    ``adapt.reliability`` weight on ``sensitivity`` (a weighted signal must be computed)."""
+    weighted = float((cfg_adapt.get("reliability") or {}).get("sensitivity", 0.0) or 0.0) > 0
+    return bool(cfg_adapt.get("sensitivity_pass", False)) or weighted
 
 
 def focus_zoom_of(cfg_adapt: Mapping[str, Any]) -> float | None:
@@ -195,20 +202,26 @@ def select_round(pred: dict[str, np.ndarray], round_index: int, cfg_adapt: Mappi
 # ----------------------------------------------------------------------------- per round
 def round_loss_weights(weights: Mapping[str, Any], cfg_adapt: Mapping[str, Any], round_index: int) -> dict[str, Any]:
     """The loss weights of self-training round ``round_index`` (0-based): ``weights`` with the
-    alignment terms (``align_*``, ``adversarial``) at zero before ``adapt.align_from_round``.
+    alignment terms (``align_*``, ``adversarial``) at zero outside the rounds
+    ``[adapt.align_from_round, adapt.align_until_round)``.
 
     Why: the round that trains before the first labelling makes the teacher that labels the
-    target, and on Freiburg live an aligned teacher's kept pseudo boxes were 19-37% right against
-    39-46% for an unaligned one. With ``align_from_round: 1`` the first labels are those of
-    pseudo-labels alone (measured there: alignment in round 2 then adds nothing, BENCHMARKS.md).
-    ``align_from_round: 0`` (the default) aligns in every round."""
+    target, and the rounds after it train on those labels; the two ask different things of
+    alignment. With ``align_from_round: 1`` the first labels are those of pseudo-labels alone
+    (Freiburg live: alignment in round 2 then adds nothing, BENCHMARKS.md). With
+    ``align_until_round: 1`` only the labelling teacher is aligned and the later rounds train on
+    its labels without alignment (in full DATE, alignment grew the target boxes in round 2).
+    The defaults (0 and null) align in every round."""
     from ..losses import ALIGNMENT_TERMS
 
     start = int(cfg_adapt.get("align_from_round", 0) or 0)
     if start < 0:
         raise ValueError(f"adapt.align_from_round must be >= 0, got {start}")
+    until = cfg_adapt.get("align_until_round")
+    if until is not None and int(until) <= start:
+        raise ValueError(f"adapt.align_until_round ({until}) must be null or above align_from_round ({start})")
     out = dict(weights)
-    if round_index < start:
+    if round_index < start or (until is not None and round_index >= int(until)):
         out.update({t: 0.0 for t in ALIGNMENT_TERMS if t in out})
     return out
 

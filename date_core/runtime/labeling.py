@@ -22,7 +22,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from date_core.adapt.pseudo import concat_predictions
-from date_core.adapt.selftrain import LabelRound, focus_zoom_of, select_round
+from date_core.adapt.selftrain import LabelRound, focus_zoom_of, select_round, sensitivity_pass_of
 from date_core.data import io, storage
 
 COMMIT_FILE = "_COMMITTED.json"
@@ -89,7 +89,7 @@ def label_target(cfg: Mapping[str, Any], model_dir: str, tokenizer: str, round_i
         TargetLabeler, batch_size=int(adapt.get("label_batch_size", 64)), batch_format="numpy",
         fn_constructor_kwargs=dict(model_dir=str(model_dir), tokenizer=tokenizer, views=list(adapt["views"]),
                                    consensus=adapt.get("consensus", "median"), use_gpu=use_gpu,
-                                   sensitivity=bool(adapt.get("sensitivity_pass", False)),
+                                   sensitivity=sensitivity_pass_of(adapt),
                                    focus_zoom=focus_zoom_of(adapt), torch_threads=label_threads(adapt)),
         compute=ActorPoolStrategy(size=int(adapt.get("label_actors", 1))),
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else float(adapt.get("label_cpus", 1)),

@@ -55,7 +55,7 @@ def load_state(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
 def _round_cfg(cfg: Mapping[str, Any], r: int) -> dict[str, Any]:
     """Round r's training config: ``adapt.round_train`` overrides ``train`` from round 1 on
     (later rounds start from trained weights and usually need fewer steps), and the alignment
-    weights are zero before ``adapt.align_from_round`` (:func:`round_loss_weights`)."""
+    weights are zero outside ``adapt.align_from_round`` .. ``align_until_round`` (:func:`round_loss_weights`)."""
     from date_core.adapt import round_loss_weights
 
     out = copy.deepcopy(dict(cfg))
