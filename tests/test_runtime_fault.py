@@ -59,7 +59,7 @@ def test_killed_worker_resumes_from_s3_checkpoint(s3_ray, pw_dataset, tmp_path):
     cfg = resolve_config(None, [
         f"data.root={data_uri}", "data.max_val_pairs=16", f"runtime.storage={store_uri}",
         "model.preset=tiny", "train.batch_size=8", "train.max_steps=10", "train.checkpoint_every=2", "train.log_every=2",
-        "runtime.num_workers=2", "runtime.cpus_per_worker=0.5", "runtime.torch_threads=1", "runtime.max_failures=2",
+        "runtime.num_workers=2", "runtime.cpus_per_worker=0.5", "runtime.max_failures=2",
     ])
     fs, root = storage.resolve_filesystem(f"{store_uri}/killed")
     killed: list[int] = []

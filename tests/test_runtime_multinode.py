@@ -42,7 +42,7 @@ def test_two_workers_on_two_nodes(two_nodes, pw_dataset, tmp_path):
         "model.preset=tiny", "train.batch_size=8", "train.max_steps=3", "train.checkpoint_every=100",
         # one trainer slot per node places one worker on each; the worker asks for no CPU so
         # that each node's CPU stays free for Ray Data (its file listing needs a whole CPU)
-        "runtime.num_workers=2", "runtime.cpus_per_worker=0", "runtime.torch_threads=1", "runtime.worker_resources={trainer_slot: 1}",
+        "runtime.num_workers=2", "runtime.cpus_per_worker=0", "runtime.worker_resources={trainer_slot: 1}",
         "runtime.torch_threads=1",
     ])
     try:

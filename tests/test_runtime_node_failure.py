@@ -78,7 +78,7 @@ def test_node_lost_mid_round_resumes_from_checkpoint(cluster, s3_endpoint, mlflo
             "model.preset=tiny", "data.max_val_pairs=16", "train.batch_size=8", "train.max_steps=6",
             "train.checkpoint_every=2", "train.log_every=2", "adapt.rounds=1", "adapt.label_last_round=true",
             "adapt.keep_schedule=[0.5]", "adapt.views=[identity]", "adapt.sensitivity_pass=false",
-            "runtime.num_workers=2", "runtime.cpus_per_worker=0", "runtime.torch_threads=1", "runtime.worker_resources={trainer_slot: 1}",
+            "runtime.num_workers=2", "runtime.cpus_per_worker=0", "runtime.worker_resources={trainer_slot: 1}",
             "runtime.torch_threads=1", "runtime.max_failures=2"]
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": mlflow_server}
     log_path = tmp_path / "driver.log"
