@@ -24,7 +24,7 @@ def _cmd(data: Path, storage: Path) -> list[str]:
         "runtime.experiment=test-pgda", "runtime.registered_model=test-pgda-seeker", "adapt.rounds=2",
         "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=100", "train.log_every=2",
         "loss.align_marginal_image=0.1", "loss.align_marginal_query=0.1", "loss.align_conditional=0.1",
-        "adapt.keep_schedule=[0.5]",
+        "adapt.keep_schedule=[0.5]", "adapt.sensitivity_pass=true",  # off by default; measured here
     ]
     return [sys.executable, str(ROOT / "pipelines" / "pgda.py"), *[a for s in sets for a in ("--set", s)]]
 
@@ -73,7 +73,8 @@ def test_pgda_two_rounds_killed_and_resumed(mlflow_server, pw_dataset, tmp_path)
     round0 = next(c for c in children if c.data.tags["date.run_name"] == "pgda-t-round0")
     assert round0.data.metrics["pseudo/n_pairs"] == n_target
     assert "pseudo/precision@0.5".replace("@", "_at_") in round0.data.metrics
-    # the precision of each reliability signal, and at the patch level, is logged per round
+    # the precision of each computed reliability signal (sensitivity: asked for above), and at the
+    # patch level, is logged per round
     for name in ("confidence", "agreement", "sensitivity", "centre/confidence"):
         assert f"pseudo/precision_at_0.5/{name}" in round0.data.metrics, name
     assert "live_test/pg/acc_at_0.5" in parents[0].data.metrics
