@@ -80,7 +80,7 @@ ROWS = {
     "oracle": ("target oracle (target boxes)", True, (), False, True),
 }
 BENCHMARKS = ("productworld", "freiburg")
-QUICK = dict(n_source=60, n_target=40, n_test=30, steps=6, rounds=2, seeds=1, batch_size=8, preset="tiny",
+QUICK = dict(n_source=60, n_target=40, n_test=30, steps=6, seeds=1, batch_size=8, preset="tiny",
              benchmarks="productworld")
 
 
@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=3, help="seeds per row (model init and batch order): 0..N-1")
     ap.add_argument("--seed-list", default=None, help="explicit seeds, e.g. 1,2 (instead of --seeds)")
     ap.add_argument("--steps", type=int, default=150, help="optimiser steps per row")
-    ap.add_argument("--rounds", type=int, default=2, help="self-training rounds of the pseudo-label rows")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="self-training rounds of the pseudo-label rows (default: adapt.rounds, after --set)")
     ap.add_argument("--first-label", type=float, default=0.5, metavar="FRAC",
                     help="self-training rows label the target first after this fraction of the steps "
                          "(later labellings split the rest evenly)")
@@ -253,6 +254,8 @@ def row_config(row: str, args) -> tuple[dict, dict]:
         cfg[section][name] = yaml.safe_load(value)
     weights, adapt = dict(cfg["loss"]), dict(cfg["adapt"])
     adapt["aligner"] = args.aligner
+    if args.rounds is not None:  # one source of truth: the run's recorded adapt section says what ran
+        adapt["rounds"] = args.rounds
     align = ROWS[row][2]
     for term in ALL_ALIGN + ("adversarial",):
         weights[term] = 0.0
@@ -290,7 +293,7 @@ def run_one(job: tuple) -> dict:
                                 min_lr_ratio=0.05)
     teacher = EMATeacher(student, ema_decay_for(args.steps, adapt))
     views = build_views(adapt["views"])
-    bounds = round_bounds(args.steps, args.rounds if pseudo else 1, args.first_label)
+    bounds = round_bounds(args.steps, int(adapt["rounds"]) if pseudo else 1, args.first_label)
     # each round's loss weights as the pipeline's rounds have them (adapt.align_from_round)
     round_weights = [round_loss_weights(weights, adapt, r) for r in range(len(bounds) - 1)]
     aligned = [bool(active_alignment_terms(w)) for w in round_weights]

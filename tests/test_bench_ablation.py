@@ -66,6 +66,20 @@ def test_late_alignment_labels_as_pseudo_only_and_aligns_only_after(tmp_path, mo
     assert runs["full_date"]["loss_weights"]["align_conditional"] == 1.0
 
 
+def test_rounds_come_from_the_config_and_the_flag_wins(tmp_path, monkeypatch):
+    """``--set adapt.rounds=3`` labels twice, as the pipeline's rounds would; ``--rounds`` overrides
+    it; and each run records the rounds it ran in its ``adapt`` section."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pgda_ablation", None)
+    import pgda_ablation
+
+    common = ["--quick", "--threads", "1", "--rows", "pseudo_only", "--results-dir", str(tmp_path)]
+    by_set = pgda_ablation.main(common + ["--name", "r3", "--set", "adapt.rounds=3"])["runs"][0]
+    assert len(by_set["rounds"]) == 2 and by_set["adapt"]["rounds"] == 3
+    by_flag = pgda_ablation.main(common + ["--name", "r2", "--set", "adapt.rounds=3", "--rounds", "2"])["runs"][0]
+    assert len(by_flag["rounds"]) == 1 and by_flag["adapt"]["rounds"] == 2
+
+
 def test_gpu_description_does_not_touch_cuda_before_the_pool_forks(monkeypatch):
     """The ablation's parent writes a partial result (with the hardware) between forking pool
     workers; asking torch about CUDA there would break CUDA in every later worker."""
