@@ -189,10 +189,15 @@ def test_ray_job_submit_pgda(ray_head, s3_endpoint, mlflow_server, pw_dataset, t
     assert len(noise) <= 12 and not any(_ours(b) for b in blocks), \
         "Ray internals in the job's log:\n" + "\n".join(noise[:40]) + "\n\n" + \
         "\n----\n".join("\n".join(b) for b in blocks)
-    # no line-long dumps (Ray Train logged every report's whole metrics dict at INFO)
+    # no line-long dumps (Ray Train logged every report's whole metrics dict at INFO). The
+    # raylet's own notices are exempt: its "N PYTHON worker processes have been started"
+    # warning is ~420 characters, and ~740 when Ray's log deduplication appends its
+    # "[repeated 2x across cluster] ..." hint (CI, twice). It comes from Ray's C++ core and
+    # already counts as noise above
     assert "Reporting training result" not in logs
-    long_lines = [line for line in logs.splitlines() if not line.startswith("Running entrypoint") and len(line) >= 600]
-    assert max(len(line) for line in logs.splitlines() if not line.startswith("Running entrypoint")) < 600, \
+    long_lines = [line for line in logs.splitlines()
+                  if not line.startswith("Running entrypoint") and "(raylet)" not in line and len(line) >= 600]
+    assert not long_lines, \
         "line-long output in the job's log:\n" + "\n".join(line[:1000] for line in long_lines[:5])
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
