@@ -125,6 +125,8 @@ SCHEMA = Section({
         "worker_resources": Key(dict[str, float], "extra custom resources per worker, e.g. {trainer_slot: 1}"),
         "placement_strategy": Key(Literal["PACK", "SPREAD", "STRICT_SPREAD"], "placement of the workers"),
         "torch_threads": Key(Optional[int], "null = cpus_per_worker (at least 1)"),
+        "data_cpus": Key(Optional[float], "CPUs of the data streams together; null = what the trainers leave"),
+        "stall_timeout_s": Key(float, "seconds without a batch before a stream counts as stalled"),
         "max_failures": Key(int, "worker failures a Train run survives"),
         "keep_checkpoints": Key(int, "Ray Train checkpoints kept per run"),
         "train_log_level": Key(Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],

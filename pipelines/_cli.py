@@ -3,10 +3,11 @@ resolved config, and making ``date_core`` importable when run as ``python pipeli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python pipelines/x.py` from a checkout without `pip install -e .`
@@ -65,3 +66,21 @@ def check_dataset(cfg: dict[str, Any], stage: str) -> None:
         plan_dataset(cfg, required_parts(cfg, stage))
     except DataError as exc:
         sys.exit(f"{stage}: {exc}")
+
+
+@contextlib.contextmanager
+def stage_errors(stage: str, name: str) -> Iterator[None]:
+    """Exit with one line (and a non-zero code) when a data stream stalled or its CPU budget
+    could not be reserved, however deep in a Ray Train or Tune failure the cause sits; other
+    errors pass through with their tracebacks."""
+    from date_core.runtime.budget import BudgetError
+    from date_core.runtime.watchdog import StallError, find_cause, one_line
+
+    try:
+        yield
+    except Exception as exc:
+        cause = find_cause(exc, (StallError, BudgetError))
+        if cause is None:
+            raise
+        sys.exit(f"{stage}: {one_line(cause)} (run {name}; the same command with --set runtime.run_name={name} "
+                 f"continues it)")

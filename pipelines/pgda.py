@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     session.init_ray(cfg)
     name = session.run_name(cfg, "pgda")
-    run_pgda(cfg, name)
+    with _cli.stage_errors("pgda", name):
+        run_pgda(cfg, name)
     return 0
 
 

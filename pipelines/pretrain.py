@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment_id = tracking.setup(cfg["runtime"]["experiment"])
     print(f"[pretrain] run {name}: {cfg['runtime']['num_workers']} worker(s), gpu={cfg['runtime']['use_gpu']}, "
           f"storage {cfg['runtime']['storage']}", flush=True)
-    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp, _cli.stage_errors("pretrain", name):
         result = run_pretrain(cfg, name, experiment_id=experiment_id, out_dir=args.out or tmp)
     registered = cfg["pretrain"]["registered_model"]
     model = str(result.model_dir) if args.out else f"models:/{registered}/{result.version}"

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[train] run {name}: {cfg['runtime']['num_workers']} worker(s), gpu={cfg['runtime']['use_gpu']}, "
           f"storage {cfg['runtime']['storage']}", flush=True)
     # without --out the local model copy is temporary: the model lives in MLflow and Ray storage
-    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp, _cli.stage_errors("train", name):
         result = run_stage(cfg, name, stage="train", experiment_id=experiment_id, out_dir=args.out or tmp)
     shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if "/pr/" in k or "/pg/" in k}
     model = str(result.model_dir) if args.out else f"models:/{cfg['runtime']['registered_model']}/{result.version}"

@@ -34,57 +34,28 @@ from date_core.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, REJECTED_DIR, REJEC
 from date_core.data.splits import DEFAULT_FRACTIONS, assign_split
 from date_core.data.summary import RunSummary
 from date_core.data.transforms import BatchTransform
+from date_core.runtime.reader import count_rows, read_pairs  # noqa: F401  (the Ray Data read API)
 
 #: Default Parquet file size: the contract asks for ~100-500 MB files on big data.
 DEFAULT_SHARD_MB = 256.0
 
 
-def read_pairs(root: str, domain: str, split: str, *, columns: Sequence[str] | None = None,
-               shuffle_files: bool = False, override_num_blocks: int | None = None,
-               num_cpus: float | None = None) -> Dataset:
-    """The prepared dataset ``ROOT/<domain>/<split>`` as a Ray Dataset (lazy, streaming).
-
-    ``num_cpus`` per read task (default 1): lower it when actors downstream hold every CPU
-    (a 1-CPU node running one ``BatchTransform`` actor would otherwise never read).
-
-    Raises :class:`DataError` when the folder has no Parquet file or its schema lacks a
-    contract column (checked on the first file's footer, before any task starts).
-    """
-    uri = io.pairs_uri(root, domain, split)
-    fs, _ = storage.resolve_filesystem(uri)
-    files = io.parquet_files(uri)
-    if not files:
-        raise DataError(uri, "no Parquet files found")
-    try:
-        schema = pq.read_schema(files[0], filesystem=fs)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(files[0], f"unreadable Parquet: {exc}") from None
-    if columns is None:
-        check_pair_schema(schema, files[0])
-    return ray.data.read_parquet(
-        files, filesystem=fs, columns=list(columns) if columns else None, partitioning=None,
-        shuffle="files" if shuffle_files else None, override_num_blocks=override_num_blocks,
-        num_cpus=num_cpus,
-    )
-
-
 def to_model_batches(ds: Dataset, tokenizer: Any, image_size: int, max_text_len: int, *, train: bool = False,
-                     batch_size: int = 64, seed: int | None = None, num_cpus: float = 1.0) -> Dataset:
+                     batch_size: int = 64, seed: int | None = None, num_cpus: float | None = None) -> Dataset:
     """``ds`` (contract rows) -> model batches (:mod:`date_core.batch` keys, numpy), as Ray tasks.
 
     ``tokenizer``: an object or a folder (local or ``s3://``; loaded once here, then shipped
-    with the transform). Tasks rather than an actor pool on purpose: actors hold their CPUs
-    for the whole run, while ``read_parquet``'s file-listing step (Ray Data 2.60) needs one
-    whole free CPU, so a node whose CPUs are all held (1 CPU, or trainers holding the rest)
-    would never start reading. ``map_batches(BatchTransform, fn_constructor_args=...)`` also
-    works wherever a CPU stays free.
+    with the transform). ``num_cpus`` per task (default 1; a fraction inside a stream budget,
+    :mod:`date_core.runtime.budget`). Tasks rather than an actor pool on purpose: actors hold
+    their CPUs for the whole run, so the read tasks of a small budget could never start.
     """
     from date_core.text import load_tokenizer
 
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
         tokenizer = load_tokenizer(str(tokenizer))
     transform = BatchTransform(tokenizer, image_size, max_text_len, train, seed=seed)
-    return ds.map_batches(transform, batch_format="numpy", batch_size=batch_size, num_cpus=num_cpus)
+    return ds.map_batches(transform, batch_format="numpy", batch_size=batch_size,
+                          num_cpus=1.0 if num_cpus is None else float(num_cpus))
 
 
 def _to_contract(batch: pa.Table, domain: str, split: str) -> pa.Table:

@@ -24,6 +24,7 @@ from ray.data import ActorPoolStrategy
 from date_core.adapt.pseudo import concat_predictions
 from date_core.adapt.selftrain import LabelRound, focus_zoom_of, select_round, sensitivity_pass_of
 from date_core.data import io, storage
+from date_core.runtime.watchdog import watched
 
 COMMIT_FILE = "_COMMITTED.json"
 PSEUDO_SCHEMA = pa.schema([
@@ -94,7 +95,8 @@ def label_target(cfg: Mapping[str, Any], model_dir: str, tokenizer: str, round_i
         compute=ActorPoolStrategy(size=int(adapt.get("label_actors", 1))),
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else float(adapt.get("label_cpus", 1)),
     )
-    parts = list(preds.iter_batches(batch_size=None, batch_format="numpy"))
+    parts = list(watched(preds.iter_batches(batch_size=None, batch_format="numpy"), "labelling",
+                         float(rt["stall_timeout_s"]), what="labelled batch"))
     return select_round(concat_predictions(parts), round_index, adapt)
 
 
@@ -153,21 +155,23 @@ def read_pseudo(folder: str) -> pa.Table | None:
     return pq.read_table(path, filesystem=fs)
 
 
-def target_with_pseudo(cfg: Mapping[str, Any], labels: pa.Table | None) -> ray.data.Dataset:
+def target_with_pseudo(cfg: Mapping[str, Any], labels: pa.Table | None,
+                       num_cpus: float | None = None) -> ray.data.Dataset:
     """The target train rows with their hidden boxes removed and, when ``labels`` is given, the
-    kept pseudo boxes (and weights) joined in by ``pair_id``."""
+    kept pseudo boxes (and weights) joined in by ``pair_id``; tasks of ``num_cpus`` (default 1)."""
     from date_core.runtime.dataio import read_pairs
 
     data = cfg["data"]
     cols = ["pair_id", "image_id", "image", "width", "height", "query", "domain", "split", "item_id"]
-    ds = read_pairs(data["root"], data["target_domain"], data["train_split"], columns=cols)
+    ds = read_pairs(data["root"], data["target_domain"], data["train_split"], columns=cols, num_cpus=num_cpus)
     if labels is None:
         return ds
     kept = labels.filter(labels["kept"])
     lookup = {pid: (box, w) for pid, box, w in zip(kept["pair_id"].to_pylist(), kept["box"].to_pylist(),
                                                   kept["box_weight"].to_pylist())}
     ref = ray.put(lookup)
-    return ds.map_batches(_join_pseudo, batch_format="numpy", fn_kwargs={"lookup": ref})
+    return ds.map_batches(_join_pseudo, batch_format="numpy", fn_kwargs={"lookup": ref},
+                          num_cpus=1.0 if num_cpus is None else float(num_cpus))
 
 
 def _join_pseudo(rows: dict[str, np.ndarray], lookup) -> dict[str, np.ndarray]:

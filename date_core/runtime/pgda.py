@@ -19,6 +19,7 @@ Train checkpoint, and pseudo-labels of a round are either committed whole or wri
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import tempfile
@@ -126,7 +127,7 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
         round_cfg = _round_cfg(cfg, r)
         stage = run_stage(
             round_cfg, f"{name}-round{r}", stage="pgda-round", experiment_id=experiment_id,
-            parent_run_id=parent_id, target=target_with_pseudo(cfg, labels),
+            parent_run_id=parent_id, target=functools.partial(target_with_pseudo, cfg, labels),
             align=bool(alignment_terms(round_cfg)),
             init_from=prev["model"] if prev else None, register=False,  # round 1: model.init_from, if set
             out_dir=work / f"round-{r}",

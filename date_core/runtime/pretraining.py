@@ -27,10 +27,11 @@ import ray.train
 import torch
 
 from date_core.runtime import session, tracking
+from date_core.runtime.budget import StreamBudgets, reserve_streams
 from date_core.runtime.scratch import scratch_dir
 from date_core.runtime.supervised import StageResult
 from date_core.runtime.trainer import (MODEL_DIR, TRAIN_STATE, _Tracker, build_trainer, checkpoint_model_dir,
-                                       init_model, worker_checkpoint_dir, worker_setup)
+                                       init_model, stream_watch, worker_checkpoint_dir, worker_setup)
 
 
 STAGE = "pretrain"
@@ -42,19 +43,23 @@ def pretrain_parts(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
     return list(dict.fromkeys((str(d), str(s)) for d, s in itertools.product(p["domains"], p["splits"])))
 
 
-def make_pretrain_dataset(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenizer: str):
-    """``({"train": model batches}, {"train": rows})`` over every part of :func:`pretrain_parts`."""
-    from date_core.runtime.dataio import read_pairs, to_model_batches
+def make_pretrain_dataset(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenizer: str,
+                          budgets: StreamBudgets | None = None):
+    """``({"train": model batches}, {"train": rows})`` over every part of :func:`pretrain_parts`;
+    ``budgets``: the stream confined to its reserved group (:mod:`date_core.runtime.budget`)."""
+    from date_core.runtime.dataio import count_rows, read_pairs, to_model_batches
     from date_core.text import load_tokenizer
 
-    parts = [read_pairs(cfg["data"]["root"], d, s, shuffle_files=True) for d, s in pretrain_parts(cfg)]
+    cpus = budgets.task_cpus("train") if budgets is not None else None
+    root = cfg["data"]["root"]
+    parts = [read_pairs(root, d, s, shuffle_files=True, num_cpus=cpus) for d, s in pretrain_parts(cfg)]
     rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    count = rows.count()
+    count = sum(count_rows(root, d, s) for d, s in pretrain_parts(cfg))
     tok = load_tokenizer(tokenizer)
     seed = int(cfg["train"]["seed"])
     batches = to_model_batches(rows, tok, int(model_cfg["image_size"]), int(model_cfg["max_text_len"]),
-                               train=True, seed=seed)
-    return {"train": batches}, {"train": count}
+                               train=True, seed=seed, num_cpus=cpus)
+    return {"train": budgets.attach("train", batches) if budgets is not None else batches}, {"train": count}
 
 
 # ----------------------------------------------------------------------------- worker
@@ -133,8 +138,9 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     micro = 0
     while state["step"] < total_steps:
         skip = state["batch_in_epoch"]
-        batches = train_shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs,
-                                                 local_shuffle_seed=int(tcfg["seed"]) + state["epoch"])
+        batches = stream_watch("train", train_shard.iter_torch_batches(
+            batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs,
+            local_shuffle_seed=int(tcfg["seed"]) + state["epoch"]), cfg["runtime"])
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
@@ -192,12 +198,14 @@ def run_pretrain(cfg: Mapping[str, Any], name: str, *, experiment_id: str, out_d
             tracking.log_init_source(run_id, cfg["model"]["init_from"], uri)
             init_model(cfg, vocab, cfg["model"]["init_from"], uri)
         model_cfg = resolve_model_config(cfg["model"]["preset"], **(cfg["model"].get("overrides") or {})).to_dict()
-        datasets, counts = make_pretrain_dataset(cfg, model_cfg, tok)
-        print(f"[{STAGE}] image-caption pairs: {counts['train']} from "
-              + ", ".join(f"{d}/{s}" for d, s in pretrain_parts(cfg)), flush=True)
-        loop_cfg = {"cfg": dict(cfg), "tokenizer": tok, "vocab_size": vocab, "counts": counts,
-                    "mlflow": {"uri": uri, "run_id": run_id}}
-        result = build_trainer(cfg, name, datasets, loop_cfg, loop=pretrain_loop_per_worker).fit()
+        with reserve_streams(cfg, ["train"]) as budgets:
+            datasets, counts = make_pretrain_dataset(cfg, model_cfg, tok, budgets)
+            print(f"[{STAGE}] image-caption pairs: {counts['train']} from "
+                  + ", ".join(f"{d}/{s}" for d, s in pretrain_parts(cfg)) + f"; data stream {budgets.describe()}",
+                  flush=True)
+            loop_cfg = {"cfg": dict(cfg), "tokenizer": tok, "vocab_size": vocab, "counts": counts,
+                        "mlflow": {"uri": uri, "run_id": run_id}}
+            result = build_trainer(cfg, name, datasets, loop_cfg, loop=pretrain_loop_per_worker).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"pretraining run {name} finished without a checkpoint")
     except BaseException:

@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from date_core.evaluation import evaluate_split, samples_in_pixels
 from date_core.report import prediction_grid, recall_plot
 from date_core.runtime import session, tracking
-from date_core.runtime.trainer import (build_trainer, checkpoint_model_dir, checkpoint_step as metrics_step, init_model,
-                                      make_datasets)
+from date_core.runtime.budget import reserve_streams
+from date_core.runtime.trainer import (build_trainer, checkpoint_model_dir, checkpoint_step as metrics_step, data_streams,
+                                      init_model, make_datasets)
 
 
 @dataclass
@@ -29,13 +30,17 @@ class StageResult:
 
 
 def run_stage(cfg: Mapping[str, Any], name: str, *, stage: str = "train", experiment_id: str,
-              parent_run_id: str | None = None, target=None, align: bool = False, init_from: str | None = None,
+              parent_run_id: str | None = None, target: Callable[[float | None], Any] | None = None,
+              align: bool = False, init_from: str | None = None,
               register: bool = True, out_dir: str | Path) -> StageResult:
     """Train one stage called ``name`` and return its final model.
 
     Re-running with the same ``name`` continues from the stage's last checkpoint (Ray Train
     restores it from ``runtime.storage/<name>``) and logs into the same MLflow run. The final
     model folder (and the figures) are written under ``out_dir``, which the caller owns and removes.
+    ``target(num_cpus)``: builds an adaptation round's target rows (see
+    :func:`~date_core.runtime.trainer.make_datasets`). Each data stream runs in its own CPU
+    budget (:mod:`date_core.runtime.budget`), reserved for the stage and released after it.
     """
     from date_core.model import resolve_model_config
 
@@ -58,13 +63,16 @@ def run_stage(cfg: Mapping[str, Any], name: str, *, stage: str = "train", experi
             raise
         print(f"[{stage}] initial weights from model.init_from={init_weights}", flush=True)
     model_cfg = resolve_model_config(cfg["model"]["preset"], **(cfg["model"].get("overrides") or {})).to_dict()
-    datasets, counts = make_datasets(cfg, model_cfg, tok, target=target)
-    print(f"[{stage}] rows: " + ", ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
-    loop_cfg = {"cfg": dict(cfg), "tokenizer": tok, "vocab_size": vocab, "counts": counts,
-                "mlflow": {"uri": uri, "run_id": run_id}, "init_from": init_from, "init_weights": init_weights, "align": align,
-                "tag": f"{cfg['data']['source_domain']}_{cfg['data']['val_split']}"}
+    streams, shares = data_streams(target is not None)
     try:
-        result = build_trainer(cfg, name, datasets, loop_cfg).fit()
+        with reserve_streams(cfg, streams, shares=shares) as budgets:
+            datasets, counts = make_datasets(cfg, model_cfg, tok, target=target, budgets=budgets)
+            print(f"[{stage}] rows: " + ", ".join(f"{k}={v}" for k, v in counts.items())
+                  + f"; data streams: {budgets.describe()}", flush=True)
+            loop_cfg = {"cfg": dict(cfg), "tokenizer": tok, "vocab_size": vocab, "counts": counts,
+                        "mlflow": {"uri": uri, "run_id": run_id}, "init_from": init_from, "init_weights": init_weights,
+                        "align": align, "tag": f"{cfg['data']['source_domain']}_{cfg['data']['val_split']}"}
+            result = build_trainer(cfg, name, datasets, loop_cfg).fit()
     except Exception:
         tracking.end_run(run_id, "FAILED", uri)
         raise

@@ -20,7 +20,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import ray
 import ray.train
@@ -31,7 +31,8 @@ from ray.train.torch import TorchTrainer
 
 from date_core.data import storage
 from date_core.engine import autocast_dtype
-from date_core.runtime.dataio import read_pairs, to_model_batches
+from date_core.runtime.budget import StreamBudgets
+from date_core.runtime.dataio import count_rows, read_pairs, to_model_batches
 from date_core.runtime.scratch import scratch_dir
 from date_core.text import load_tokenizer
 
@@ -42,29 +43,47 @@ TEACHER_DIR = "teacher"
 
 # ----------------------------------------------------------------------------- datasets
 def make_datasets(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenizer: str,
-                  target: ray.data.Dataset | None = None) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+                  target: Callable[[float | None], ray.data.Dataset] | None = None,
+                  budgets: StreamBudgets | None = None) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
     """The ``train`` / ``val`` (/ ``target``) datasets of a run and their row counts.
 
-    ``target`` (rows of the target domain, possibly joined with pseudo boxes) is passed in by
-    the adaptation stage. Counts come from Parquet metadata before any decoding.
+    ``target(num_cpus)`` builds the target rows (possibly joined with pseudo boxes) with tasks
+    of ``num_cpus``; the adaptation stage passes it. ``budgets``: each stream confined to its
+    reserved group (:mod:`date_core.runtime.budget`; ``val`` shares ``train``'s). Counts come
+    from the Parquet footers, before any decoding.
     """
     data = cfg["data"]
     size, max_len = int(model_cfg["image_size"]), int(model_cfg["max_text_len"])
-    train_rows = read_pairs(data["root"], data["source_domain"], data["train_split"], shuffle_files=True)
-    val_rows = read_pairs(data["root"], data["source_domain"], data["val_split"])
+
+    def cpus(stream: str) -> float | None:
+        return budgets.task_cpus(stream) if budgets is not None else None
+
+    root, source = data["root"], data["source_domain"]
+    train_rows = read_pairs(root, source, data["train_split"], shuffle_files=True, num_cpus=cpus("train"))
+    val_rows = read_pairs(root, source, data["val_split"], num_cpus=cpus("val"))
+    counts = {"train": count_rows(root, source, data["train_split"]),
+              "val": count_rows(root, source, data["val_split"])}
     if data.get("max_val_pairs"):
         val_rows = val_rows.limit(int(data["max_val_pairs"]))
-    counts = {"train": train_rows.count(), "val": val_rows.count()}
+        counts["val"] = min(counts["val"], int(data["max_val_pairs"]))
     tok = load_tokenizer(tokenizer)  # loaded once, shipped with the tasks
     seed = int(cfg["train"]["seed"])
     datasets = {
-        "train": to_model_batches(train_rows, tok, size, max_len, train=True, seed=seed),
-        "val": to_model_batches(val_rows, tok, size, max_len, train=False),
+        "train": to_model_batches(train_rows, tok, size, max_len, train=True, seed=seed, num_cpus=cpus("train")),
+        "val": to_model_batches(val_rows, tok, size, max_len, train=False, num_cpus=cpus("val")),
     }
     if target is not None:
-        counts["target"] = target.count()
-        datasets["target"] = to_model_batches(target, tok, size, max_len, train=True, seed=seed + 1)
+        counts["target"] = count_rows(root, data["target_domain"], data["train_split"])
+        datasets["target"] = to_model_batches(target(cpus("target")), tok, size, max_len, train=True, seed=seed + 1,
+                                              num_cpus=cpus("target"))
+    if budgets is not None:
+        datasets = {name: budgets.attach(name, ds) for name, ds in datasets.items()}
     return datasets, counts
+
+
+def data_streams(target: bool) -> tuple[list[str], dict[str, str]]:
+    """The streams of a stage that get a CPU budget, and those that share another's."""
+    return (["train", "target"] if target else ["train"]), {"val": "train"}
 
 
 # ----------------------------------------------------------------------------- worker loop
@@ -77,6 +96,15 @@ def _cycle(make_iter):
             yield item
         if empty:
             raise RuntimeError("the target dataset shard is empty")
+
+
+def stream_watch(stream: str, batches, rcfg: Mapping[str, Any]):
+    """``batches`` under the stall watchdog (:func:`date_core.runtime.watchdog.watched`) at
+    ``runtime.stall_timeout_s``."""
+    from date_core.runtime.watchdog import watched
+
+    return watched(batches, stream, float(rcfg["stall_timeout_s"]),
+                   hint="the run continues from its last checkpoint when started again with the same runtime.run_name")
 
 
 def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, state: dict, metrics: dict) -> Checkpoint:
@@ -189,16 +217,17 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     target_iter = None
     if "target" in counts:
         target_shard = ray.train.get_dataset_shard("target")
-        target_iter = _cycle(lambda: target_shard.iter_torch_batches(batch_size=bs, drop_last=True))
+        target_iter = stream_watch("target", _cycle(lambda: target_shard.iter_torch_batches(batch_size=bs, drop_last=True)),
+                                   rcfg)
 
     tag = loop_cfg.get("tag", "val")
     t0, last_log, t_first = time.time(), {}, time.time()
     micro = 0
     while state["step"] < total_steps:
         skip = state["batch_in_epoch"]
-        batches = train_shard.iter_torch_batches(batch_size=bs, drop_last=True,
-                                                 local_shuffle_buffer_size=4 * bs,
-                                                 local_shuffle_seed=int(tcfg["seed"]) + state["epoch"])
+        batches = stream_watch("train", train_shard.iter_torch_batches(
+            batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs,
+            local_shuffle_seed=int(tcfg["seed"]) + state["epoch"]), rcfg)
         for i, batch in enumerate(batches):
             if i < skip:  # data position: the batches this epoch already trained on
                 continue
@@ -234,7 +263,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if rank == 0:
             # the output model is validated: the EMA teacher in PG-DA rounds, else the student
             judged = teacher.model if teacher is not None else getattr(model, "module", model)
-            val = evaluate(judged, val_shard.iter_torch_batches(batch_size=bs),
+            val = evaluate(judged, stream_watch("val", val_shard.iter_torch_batches(batch_size=bs), rcfg),
                            device=device, autocast_dtype=autocast)
             metrics.update({f"{tag}/{k}": v for k, v in val.items()})
             tracker.log(metrics, state["step"])
