@@ -3,26 +3,29 @@
 tree's, started the same way on the same data, seed by seed.
 
 For each data seed: ProductWorld at the embedded default's size (1,600 mall + 1,000 live
-images) is prepared once; then ``pipelines/pgda.py`` (one round, progress every 10 steps) runs
-from the earlier commit's tree (``before``, a ``git archive`` in a temporary folder) and from this
-tree (``after``), interleaved, each watched until step 30. A run counts as stalled when no step
-line comes for ``--stall-s`` seconds after its training loop began (or the run passes
-``--limit-s``); it is then killed. The step rate is steps 10 -> 30 over their wall time, so the two
-trees' throughput is compared on the same seeds, in the same hour.
+images, in the style of the stall's reproduction, ``../shared/repro/stall/world.yaml``) is
+prepared once; then ``pipelines/pgda.py`` (one round, progress every 10 steps) runs from the
+earlier commit's tree (``before``, a ``git archive`` in a temporary folder) and from this tree
+(``after``), each watched until step 30. A run counts as stalled when no step line comes for
+``--stall-s`` seconds after its training loop began (or the run passes ``--limit-s``); it is
+then killed. The step rate (steps 10 -> 30 over their wall time) of both trees is compared on
+the embedded default's own style for the first ``--rate-seeds`` seeds, interleaved, in the same hour.
 
-  python bench/stall.py                                  # 20 after-runs, 10 before-runs: ~1 hour on 2 CPUs
-  python bench/stall.py --runs 3 --before-runs 3 --before 70fcbe3
+  python bench/stall.py                 # 20 after-runs, 8 before-runs, 4 rate pairs: ~70 min on 2 CPUs
+  python bench/stall.py --runs 3 --before-runs 3 --rate-seeds 1 --before 70fcbe3
 """
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,18 +39,21 @@ STEP = re.compile(r"\[train\] step (\d+)/")
 BEFORE = "70fcbe3"
 
 
-def prepare(tree: Path, out: Path, seed: int) -> None:
+def prepare(tree: Path, out: Path, seed: int, world: Path | None) -> None:
     """ProductWorld of the embedded default's size for ``seed`` (skipped when present)."""
     if (out / "_summary.json").exists():
         return
-    subprocess.run([sys.executable, str(tree / "pipelines" / "prepare.py"), "synth", "--mall", "1600", "--live", "1000",
-                    "--seed", str(seed), "--out", str(out)], check=True, stdout=subprocess.DEVNULL, env=_env(tree))
+    extra = ["--world-config", str(world)] if world else []
+    with tempfile.TemporaryDirectory(prefix="dprep-") as tmp:  # Ray's session files
+        subprocess.run([sys.executable, str(tree / "pipelines" / "prepare.py"), "synth", "--mall", "1600", "--live",
+                        "1000", "--seed", str(seed), *extra, "--out", str(out)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**_env(tree), "RAY_TMPDIR": tmp})
 
 
 def _env(tree: Path, tmp: Path | None = None) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(tree))  # Ray's workers import this tree's date_core too
     if tmp is not None:
-        env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", RAY_TMPDIR=str(tmp))
+        env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", RAY_TMPDIR=str(tmp), TMPDIR=str(tmp))
     return env
 
 
@@ -60,33 +66,34 @@ def start_round(tree: Path, data: Path, tmp: Path, steps: int, stall_s: float, l
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
                             env=_env(tree, tmp), start_new_session=True)
-    os.set_blocking(proc.stdout.fileno(), False)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put((time.monotonic(), ln)) for ln in proc.stdout], daemon=True).start()
     seen: dict[int, float] = {}
     loop_started = None
-    outcome, buf, tail = "error", "", []
+    outcome, tail = "error", []
     try:
         while True:
-            now = time.monotonic()
-            chunk = proc.stdout.read() or ""
-            buf += chunk
-            *lines, buf = buf.split("\n")
-            for line in lines:
-                tail = (tail + [line])[-5:]
+            try:
+                at, line = lines.get(timeout=0.5)
+            except queue.Empty:
+                at, line = None, None
+            if line is not None:
+                tail = (tail + [line.rstrip()[:300]])[-5:]
                 if "EMA teacher" in line:
-                    loop_started = now
+                    loop_started = at
                 m = STEP.search(line)
                 if m:
-                    seen[int(m.group(1))] = now
-            if seen and max(seen) >= steps:
-                outcome = "ok"
-                break
+                    seen[int(m.group(1))] = at
+                if seen and max(seen) >= steps:
+                    outcome = "ok"
+                    break
+            now = time.monotonic()
             last = max([loop_started or 0.0, *seen.values()])
             if (last and now - last > stall_s) or now - t0 > limit_s:
                 outcome = "stall"
                 break
-            if proc.poll() is not None and not chunk:
+            if line is None and proc.poll() is not None and lines.empty():
                 break
-            time.sleep(0.5)
     finally:
         _kill(proc)
     rate = None
@@ -134,11 +141,15 @@ def rate_ratio(before: list[dict], after: list[dict], n_boot: int = 2000) -> dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20, help="after-runs: data seeds 0 .. runs-1")
-    ap.add_argument("--before-runs", type=int, default=10, help="before-runs: the first seeds only (stalls cost --stall-s each)")
+    ap.add_argument("--before-runs", type=int, default=8, help="before-runs: the first seeds only (stalls cost --stall-s each)")
     ap.add_argument("--before", default=BEFORE, help="the earlier commit")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--stall-s", type=float, default=180.0, help="no step line for this long = a stall")
+    ap.add_argument("--stall-s", type=float, default=120.0, help="no step line for this long = a stall")
     ap.add_argument("--limit-s", type=float, default=600.0, help="a run's wall-time limit (counted as a stall)")
+    ap.add_argument("--world-config", default=str(ROOT.parent / "shared" / "repro" / "stall" / "world.yaml"),
+                    help="ProductWorld style of the stall runs (default: the stall's reproduction, live JPEG quality 40-60)")
+    ap.add_argument("--rate-seeds", type=int, default=4,
+                    help="also start both trees on the default style for these seeds: the step-rate pairs")
     ap.add_argument("--work", default=str(ROOT / "bench" / "_work" / "stall"), help="prepared data (kept for reruns)")
     args = ap.parse_args()
 
@@ -146,31 +157,46 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     before_commit = subprocess.run(["git", "rev-parse", args.before], cwd=ROOT, capture_output=True, text=True,
                                    check=True).stdout.strip()
-    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    world = Path(args.world_config) if args.world_config else None
+    if world is not None and not world.is_file():
+        print(f"[stall] {world} not found: the default ProductWorld style instead", flush=True)
+        world = None
+    runs: dict[str, list[dict]] = {"before": [], "after": [], "rate_before": [], "rate_after": []}
     with tempfile.TemporaryDirectory(prefix="dstall-") as scratch:
         old = Path(scratch) / "before"
         old.mkdir()
         archive = subprocess.run(["git", "archive", before_commit], cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+
+        def start(label: str, tree: Path, data: Path, seed: int) -> None:
+            tmp = Path(scratch) / f"{label}-{seed}"
+            tmp.mkdir()
+            result = {"seed": seed, **start_round(tree, data, tmp, args.steps, args.stall_s, args.limit_s)}
+            shutil.rmtree(tmp, ignore_errors=True)
+            runs[label].append(result)
+            print(f"[stall] seed {seed} {label}: {result['outcome']} at step {result['steps']} "
+                  f"in {result['seconds']:.0f}s" + (f", {result['rate']:.3f} steps/s" if result["rate"] else ""),
+                  flush=True)
+
         for seed in range(args.runs):
-            data = work / f"data-seed{seed}"
-            prepare(ROOT, data, seed)
-            for label, tree in (("before", old), ("after", ROOT)):
-                if label == "before" and seed >= args.before_runs:
-                    continue
-                tmp = Path(scratch) / f"{label}-{seed}"
-                tmp.mkdir()
-                result = {"seed": seed, **start_round(tree, data, tmp, args.steps, args.stall_s, args.limit_s)}
-                shutil.rmtree(tmp, ignore_errors=True)
-                runs[label].append(result)
-                print(f"[stall] seed {seed} {label}: {result['outcome']} at step {result['steps']} "
-                      f"in {result['seconds']:.0f}s" + (f", {result['rate']:.3f} steps/s" if result["rate"] else ""),
-                      flush=True)
+            data = work / (f"stallworld-seed{seed}" if world else f"data-seed{seed}")
+            prepare(ROOT, data, seed, world)
+            if seed < args.before_runs:
+                start("before", old, data, seed)
+            start("after", ROOT, data, seed)
+            if seed < args.rate_seeds:  # throughput pairs on the embedded default's own style
+                plain = work / f"data-seed{seed}"
+                prepare(ROOT, plain, seed, None)
+                start("rate_before", old, plain, seed)
+                start("rate_after", ROOT, plain, seed)
     out = {"before": {**summarise(runs["before"]), "commit": before_commit},
            "after": summarise(runs["after"]),
-           "step_rate": rate_ratio(runs["before"], runs["after"]),
-           "setup": {"cpus": os.cpu_count(), "steps": args.steps, "stall_s": args.stall_s,
-                     "data": "ProductWorld 1600 mall + 1000 live, data seed = run index", "round": 1}}
+           "step_rate": {**rate_ratio(runs["rate_before"], runs["rate_after"]),
+                         "data": "the embedded default's ProductWorld style, data seeds 0 .. rate_seeds-1",
+                         "per_run": {"before": runs["rate_before"], "after": runs["rate_after"]}},
+           "setup": {"cpus": os.cpu_count(), "steps": args.steps, "stall_s": args.stall_s, "round": 1,
+                     "data": "ProductWorld 1600 mall + 1000 live, data seed = run index",
+                     "world_config": str(world.resolve().relative_to(ROOT.parent)) if world else None}}
     path = write_result("stall", out)
     print(f"[stall] before: {out['before']['stalls']}/{out['before']['runs']} stalled; after: "
           f"{out['after']['stalls']}/{out['after']['runs']} stalled; step rate after/before "

@@ -18,6 +18,7 @@ round (their ``pgda_state.json``; the small Tune checkpoint says which rounds Tu
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -64,6 +65,39 @@ def check_target_labels(cfg: Mapping[str, Any]) -> None:
     if boxes == 0:
         raise SweepError(f"--select-by target_val needs boxes on {uri} (labels you supply for a few hundred target "
                          f"pairs); without them use --select-by proxy")
+
+
+def fit_trials(cfg: Mapping[str, Any], space: Space, cluster_cpus: float) -> dict[str, Any]:
+    """``cfg`` with each trial's data-stream CPUs (``runtime.data_cpus``) set so that the
+    concurrent trials' drivers, Train workers and data streams fit ``cluster_cpus`` together;
+    raises :class:`SweepError` (one line) when they cannot.
+
+    With ``runtime.data_cpus`` null, the CPUs the trials' drivers and trainers leave are split
+    equally between the concurrent trials; a trial's labelling actor runs after its training, in
+    the CPUs its trainer and streams hand back.
+    """
+    from date_core.runtime.budget import MIN_STREAM_CPUS, trainer_cpus
+
+    streams = 2  # source and target: a PG-DA round's budgeted streams
+    concurrent = max(1, int(space.max_concurrent_trials))
+    driver = float({k.lower(): v for k, v in space.resources.items()}.get("cpu", 0.0))
+    trainer = trainer_cpus(cfg)
+    configured = cfg["runtime"].get("data_cpus")
+    data = (float(configured) if configured is not None
+            else (cluster_cpus - concurrent * (driver + trainer)) / concurrent)
+    need = concurrent * (driver + trainer + data)
+    if data < streams * MIN_STREAM_CPUS or need > cluster_cpus + 1e-9:
+        raise SweepError(
+            f"{concurrent} concurrent trial(s) need {concurrent} x ({driver:g} driver + {trainer:g} Train workers + "
+            f"{max(data, streams * MIN_STREAM_CPUS):g} data streams) CPUs, the cluster has {cluster_cpus:g}; lower "
+            f"max_concurrent_trials in the space, runtime.cpus_per_worker or runtime.data_cpus")
+    label = float(cfg["adapt"].get("label_cpus", 1)) if not cfg["runtime"]["use_gpu"] else 0.0
+    if label > trainer + data + 1e-9:
+        raise SweepError(f"a trial's labelling actor asks for adapt.label_cpus={label:g} CPU, more than the "
+                         f"{trainer + data:g} its training hands back; lower adapt.label_cpus")
+    out = copy.deepcopy(dict(cfg))
+    out["runtime"]["data_cpus"] = round(data, 4)
+    return out
 
 
 # ---------------------------------------------------------------------------------- trial
@@ -178,6 +212,9 @@ def run_sweep(cfg: Mapping[str, Any], space: Space, name: str, select_by: str, o
     """Run (or continue) the sweep called ``name``; writes the best config to ``out``."""
     if select_by not in SELECT_BY:
         raise SweepError(f"--select-by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
+    import ray
+
+    cfg = fit_trials(cfg, space, float(ray.cluster_resources().get("CPU", 0.0)))  # refuse before anything starts
     experiment_id = tracking.setup(cfg["runtime"]["experiment"])
     uri = tracking.tracking_uri()
     parent_id, resumed = tracking.start_or_resume(experiment_id, name, "sweep", uri=uri)
@@ -188,8 +225,9 @@ def run_sweep(cfg: Mapping[str, Any], space: Space, name: str, select_by: str, o
                            "sweep.params": json.dumps(space.params)}.items():
             client.set_tag(parent_id, key, value)
     metric, mode = selection_metric(space, select_by)
-    print(f"[sweep] {name}: {space.num_samples} trial(s) of {space.path}, {space.max_concurrent_trials} at once, "
-          f"selecting by {metric} ({mode}); MLflow parent run {parent_id}", flush=True)
+    print(f"[sweep] {name}: {space.num_samples} trial(s) of {space.path}, {space.max_concurrent_trials} at once "
+          f"({cfg['runtime']['data_cpus']:g} CPU of data streams each), selecting by {metric} ({mode}); "
+          f"MLflow parent run {parent_id}", flush=True)
     try:
         grid = build_tuner(cfg, space, name, select_by, parent_id).fit()
     except Exception:
