@@ -9,9 +9,10 @@ earlier commit's tree (``before``, a ``git archive`` in a temporary folder) and 
 (``after``), each watched until step 30. A run counts as stalled when no step line comes for
 ``--stall-s`` seconds after its training loop began (or the run passes ``--limit-s``); it is
 then killed. The step rate (steps 10 -> 30 over their wall time) of both trees is compared on
-the embedded default's own style for the first ``--rate-seeds`` seeds, interleaved, in the same hour.
+the embedded default's own style for the first ``--rate-seeds`` seeds (runs to step
+``--rate-steps``), interleaved, in the same hour.
 
-  python bench/stall.py                 # 20 after-runs, 8 before-runs, 4 rate pairs: ~70 min on 2 CPUs
+  python bench/stall.py                 # 20 after-runs, 6 before-runs, 3 rate pairs: ~70 min on 2 CPUs
   python bench/stall.py --runs 3 --before-runs 3 --rate-seeds 1 --before 70fcbe3
 """
 from __future__ import annotations
@@ -141,15 +142,16 @@ def rate_ratio(before: list[dict], after: list[dict], n_boot: int = 2000) -> dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20, help="after-runs: data seeds 0 .. runs-1")
-    ap.add_argument("--before-runs", type=int, default=8, help="before-runs: the first seeds only (stalls cost --stall-s each)")
+    ap.add_argument("--before-runs", type=int, default=6, help="before-runs: the first seeds only (stalls cost --stall-s each)")
     ap.add_argument("--before", default=BEFORE, help="the earlier commit")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--stall-s", type=float, default=120.0, help="no step line for this long = a stall")
     ap.add_argument("--limit-s", type=float, default=600.0, help="a run's wall-time limit (counted as a stall)")
     ap.add_argument("--world-config", default=str(ROOT.parent / "shared" / "repro" / "stall" / "world.yaml"),
                     help="ProductWorld style of the stall runs (default: the stall's reproduction, live JPEG quality 40-60)")
-    ap.add_argument("--rate-seeds", type=int, default=4,
+    ap.add_argument("--rate-seeds", type=int, default=3,
                     help="also start both trees on the default style for these seeds: the step-rate pairs")
+    ap.add_argument("--rate-steps", type=int, default=70, help="the step-rate pairs run to this step (rate: 10 -> it)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "_work" / "stall"), help="prepared data (kept for reruns)")
     args = ap.parse_args()
 
@@ -171,7 +173,8 @@ def main() -> int:
         def start(label: str, tree: Path, data: Path, seed: int) -> None:
             tmp = Path(scratch) / f"{label}-{seed}"
             tmp.mkdir()
-            result = {"seed": seed, **start_round(tree, data, tmp, args.steps, args.stall_s, args.limit_s)}
+            steps = args.rate_steps if label.startswith("rate_") else args.steps
+            result = {"seed": seed, **start_round(tree, data, tmp, steps, args.stall_s, args.limit_s)}
             shutil.rmtree(tmp, ignore_errors=True)
             runs[label].append(result)
             print(f"[stall] seed {seed} {label}: {result['outcome']} at step {result['steps']} "
@@ -194,7 +197,8 @@ def main() -> int:
            "step_rate": {**rate_ratio(runs["rate_before"], runs["rate_after"]),
                          "data": "the embedded default's ProductWorld style, data seeds 0 .. rate_seeds-1",
                          "per_run": {"before": runs["rate_before"], "after": runs["rate_after"]}},
-           "setup": {"cpus": os.cpu_count(), "steps": args.steps, "stall_s": args.stall_s, "round": 1,
+           "setup": {"cpus": os.cpu_count(), "steps": args.steps, "rate_steps": args.rate_steps,
+                     "stall_s": args.stall_s, "round": 1,
                      "data": "ProductWorld 1600 mall + 1000 live, data seed = run index",
                      "world_config": str(world.resolve().relative_to(ROOT.parent)) if world else None}}
     path = write_result("stall", out)
