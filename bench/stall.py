@@ -14,6 +14,7 @@ the embedded default's own style for the first ``--rate-seeds`` seeds (runs to s
 
   python bench/stall.py                 # 20 after-runs, 6 before-runs, 3 rate pairs: ~70 min on 2 CPUs
   python bench/stall.py --runs 3 --before-runs 3 --rate-seeds 1 --before 70fcbe3
+  python bench/stall.py --seeds 7 --rate-seeds 0 --name stall_seed7     # the reproduction's own seed
 """
 from __future__ import annotations
 
@@ -143,6 +144,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20, help="after-runs: data seeds 0 .. runs-1")
     ap.add_argument("--before-runs", type=int, default=6, help="before-runs: the first seeds only (stalls cost --stall-s each)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="these data seeds only, both trees each (instead of --runs)")
+    ap.add_argument("--name", default="stall", help="the result file: bench/results/NAME.json")
     ap.add_argument("--before", default=BEFORE, help="the earlier commit")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--stall-s", type=float, default=120.0, help="no step line for this long = a stall")
@@ -181,10 +184,10 @@ def main() -> int:
                   f"in {result['seconds']:.0f}s" + (f", {result['rate']:.3f} steps/s" if result["rate"] else ""),
                   flush=True)
 
-        for seed in range(args.runs):
+        for seed in (args.seeds if args.seeds is not None else range(args.runs)):
             data = work / (f"stallworld-seed{seed}" if world else f"data-seed{seed}")
             prepare(ROOT, data, seed, world)
-            if seed < args.before_runs:
+            if seed < args.before_runs or args.seeds is not None:
                 start("before", old, data, seed)
             start("after", ROOT, data, seed)
             if seed < args.rate_seeds:  # throughput pairs on the embedded default's own style
@@ -200,8 +203,9 @@ def main() -> int:
            "setup": {"cpus": os.cpu_count(), "steps": args.steps, "rate_steps": args.rate_steps,
                      "stall_s": args.stall_s, "round": 1,
                      "data": "ProductWorld 1600 mall + 1000 live, data seed = run index",
+                     "seeds": args.seeds,
                      "world_config": str(world.resolve().relative_to(ROOT.parent)) if world else None}}
-    path = write_result("stall", out)
+    path = write_result(args.name, out)
     print(f"[stall] before: {out['before']['stalls']}/{out['before']['runs']} stalled; after: "
           f"{out['after']['stalls']}/{out['after']['runs']} stalled; step rate after/before "
           f"{out['step_rate'].get('ratio', float('nan')):.3f}; {path}", flush=True)

@@ -103,8 +103,7 @@ def stream_watch(stream: str, batches, rcfg: Mapping[str, Any]):
     ``runtime.stall_timeout_s``."""
     from date_core.runtime.watchdog import watched
 
-    return watched(batches, stream, float(rcfg["stall_timeout_s"]),
-                   hint="the run continues from its last checkpoint when started again with the same runtime.run_name")
+    return watched(batches, stream, float(rcfg["stall_timeout_s"]))
 
 
 def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, state: dict, metrics: dict) -> Checkpoint:
