@@ -30,6 +30,18 @@ def _cfg(root: Path, storage: Path, *sets: str) -> dict:
                                  "data.max_val_pairs=16", *sets])
 
 
+def _slow(rows):
+    time.sleep(2.0)  # decoding slower than training: the source stream's execution is always busy
+    return rows
+
+
+def busy_source(datasets: dict, cpus: float | None) -> dict:
+    """The source stream made slower than its consumer (its execution always wants more CPUs)."""
+    kw = {"num_cpus": cpus} if cpus is not None else {}
+    # the batch size and CPUs of the decoding before it, so Ray Data fuses the two into one task
+    return {**datasets, "train": datasets["train"].map_batches(_slow, batch_size=64, **kw)}
+
+
 def _source_first_loop(loop_cfg: dict) -> None:
     """A Train worker that forces the read order of the stall: the source stream runs (and
     reserves) first; the target stream is asked only after Ray Data's resource requests went out."""
@@ -39,8 +51,10 @@ def _source_first_loop(loop_cfg: dict) -> None:
 
     rcfg = loop_cfg["cfg"]["runtime"]
     source = stream_watch("train", ray.train.get_dataset_shard("train").iter_batches(batch_size=4), rcfg)
-    next(source)
-    time.sleep(loop_cfg["hold_s"])  # Ray Data's executors ask the cluster for CPUs every 10 s
+    start = time.monotonic()
+    while time.monotonic() - start < loop_cfg["hold_s"]:  # the source stream runs alone, as in training
+        next(source)
+        time.sleep(0.1)  # a training step; Ray Data asks the cluster for CPUs every 10 s meanwhile
     target = stream_watch("target", ray.train.get_dataset_shard("target").iter_batches(batch_size=4), rcfg)
     got = sum(1 for _, _ in zip(range(3), target))
     next(source)  # and the source stream still moves
@@ -67,7 +81,9 @@ def test_target_stream_runs_after_the_source_stream_reserved_first(ray_module, s
         datasets, counts = make_datasets(cfg, {"image_size": 160, "max_text_len": 16}, str(stall_data / "tokenizer"),
                                          target=functools.partial(target_with_pseudo, cfg, None), budgets=budgets)
         assert counts["train"] > 300 and counts["target"] > 0
-        build_trainer(cfg, "stall-repro", datasets, {"cfg": cfg, "hold_s": 15, "out": str(tmp_path / "got")},
+        datasets = busy_source(datasets, budgets.task_cpus("train"))
+        budgets.attach("train", datasets["train"])
+        build_trainer(cfg, "stall-repro", datasets, {"cfg": cfg, "hold_s": 12, "out": str(tmp_path / "got")},
                       loop=_source_first_loop).fit()
     assert (tmp_path / "got").read_text() == "3"  # three target batches, after the source reserved first
     assert time.monotonic() - t0 < 120
