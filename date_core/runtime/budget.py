@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
@@ -109,10 +110,12 @@ def reserve_streams(cfg: Mapping[str, Any], streams: Sequence[str], *, shares: M
             f"runtime.num_workers, or set runtime.data_cpus")
     budgets = StreamBudgets(cpus={}, task={}, shares=dict(shares or {}))
     timeout = float(timeout_s if timeout_s is not None else cfg["runtime"]["stall_timeout_s"])
+    # named for `ray list placement-groups`; the suffix keeps concurrent trials' groups apart
+    suffix = uuid.uuid4().hex[:8]
     try:
         for name in streams:
             bundles, per_task = stream_bundles(per_stream)
-            budgets.groups[name] = placement_group(bundles, strategy="PACK", name=f"date-data-{name}")
+            budgets.groups[name] = placement_group(bundles, strategy="PACK", name=f"date-data-{name}-{suffix}")
             budgets.cpus[name], budgets.task[name] = per_stream, per_task
         for name, group in budgets.groups.items():
             ready, _ = ray.wait([group.ready()], timeout=timeout)
