@@ -206,9 +206,10 @@ def main() -> int:
                      "seeds": args.seeds,
                      "world_config": str(world.resolve().relative_to(ROOT.parent)) if world else None}}
     path = write_result(args.name, out)
+    rate = out["step_rate"]
+    rate_line = f"step rate after/before {rate['ratio']:.3f}" if rate.get("seeds") else "no step-rate pairs"
     print(f"[stall] before: {out['before']['stalls']}/{out['before']['runs']} stalled; after: "
-          f"{out['after']['stalls']}/{out['after']['runs']} stalled; step rate after/before "
-          f"{out['step_rate'].get('ratio', float('nan')):.3f}; {path}", flush=True)
+          f"{out['after']['stalls']}/{out['after']['runs']} stalled; {rate_line}; {path}", flush=True)
     return 0
 
 
