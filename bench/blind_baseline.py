@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
+import yaml
+from PIL import Image
 
-from _common import markdown_table, write_result  # noqa: E402
-from date_core.data.productworld import ProductWorldConfig, render_scenes  # noqa: E402
-from date_core.data.productworld.blind import (BLIND_LIMITS, blind_baselines, colour_reader,  # noqa: E402
+from _common import markdown_table, write_result
+from date_core.data.productworld import ProductWorldConfig, render_scenes
+from date_core.data.productworld.blind import (BLIND_LIMITS, blind_baselines, colour_reader,
                                                scene_stats)
 
 #: Pairs in the paper's data, to project generation time.

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,21 +37,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from _common import hardware_string, markdown_table, today, write_result
+
+from date_core import instance as inst
+from date_core.data import io
+from date_core.engine import build_optimizer, build_scheduler, train_step
+from date_core.losses import ContrastiveCriterion, DateCriterion
+from date_core.metrics_instance import INSTANCE_NS, instance_retrieval_metrics
+from date_core.model import build_model, pretrained_tokenizer_dir, resolve_model_config
+from date_core.model.dual import DualEncoder
+from date_core.pretrain import pretrain_loop
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import hardware_string, markdown_table, today, write_result  # noqa: E402
-
-from date_core import instance as inst  # noqa: E402
-from date_core.data import io  # noqa: E402
-from date_core.engine import build_optimizer, build_scheduler, train_step  # noqa: E402
-from date_core.losses import ContrastiveCriterion, DateCriterion  # noqa: E402
-from date_core.metrics_instance import INSTANCE_NS, instance_retrieval_metrics  # noqa: E402
-from date_core.model import build_model, pretrained_tokenizer_dir, resolve_model_config  # noqa: E402
-from date_core.model.dual import DualEncoder  # noqa: E402
-from date_core.pretrain import pretrain_loop  # noqa: E402
-
 ROWS = ("random", "dual_encoder", "date", "date_capture")
 METRICS = [f"{m}@{n}" for m in ("mAP", "Prec", "mAR") for n in INSTANCE_NS]
 TABLE = ("mAP@10", "mAP@50", "mAP@100", "textbook/mAP@10", "textbook/mAP@50", "textbook/mAP@100", "mAR@10",

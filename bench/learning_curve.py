@@ -20,25 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import hardware_string, markdown_table, write_result
+
+from date_core import build_model
+from date_core.adapt import adaptation_step, zoom_settings
+from date_core.config import default_config
+from date_core.engine import PRECISIONS, autocast_dtype, build_optimizer, build_scheduler, evaluate
+from date_core.losses import DateCriterion
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import hardware_string, markdown_table, write_result  # noqa: E402
-
-from date_core import build_model  # noqa: E402
-from date_core.adapt import adaptation_step, zoom_settings  # noqa: E402
-from date_core.config import default_config  # noqa: E402
-from date_core.engine import PRECISIONS, autocast_dtype, build_optimizer, build_scheduler, evaluate  # noqa: E402
-from date_core.losses import DateCriterion  # noqa: E402
-
 WORK = ROOT / "bench" / "_work"
 #: Named variants: model overrides and loss weights on top of the preset. ``no-focus`` is the
 #: baseline: the same model trained without the box_focus term (the seeker must then find the

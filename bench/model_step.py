@@ -24,12 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from _common import gpu_description, hardware_string, markdown_table, write_result
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import gpu_description, hardware_string, markdown_table, write_result  # noqa: E402
-
 #: ``lite`` with its last 6 image blocks and 2 text layers trained (what a GPU user would unfreeze)
 LITE_TRAINED_TOP = {"vision_frozen_blocks": 5, "text_frozen_layers": 4}
 #: The CPU baseline: the hybrid conv-stem backbone tiny was first designed with (the preset

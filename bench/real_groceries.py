@@ -26,30 +26,28 @@ Writes ``bench/results/real_groceries.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from _common import markdown_table, write_result
+from pgda_ablation import batches, encode, hflip, take
+from date_core import batch as B
+from date_core import build_model
+from date_core.data.io import read_table
+from date_core.data.transforms import BatchTransform
+from date_core.engine import build_optimizer, build_scheduler, evaluate, train_step
+from date_core.losses import build_criterion
+from date_core.config import default_config
+from date_core.metrics import grounding_metrics, retrieval_metrics
+from date_core.text import load_tokenizer
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from _common import markdown_table, write_result  # noqa: E402
-from pgda_ablation import batches, encode, hflip, take  # noqa: E402
-from date_core import batch as B  # noqa: E402
-from date_core import build_model  # noqa: E402
-from date_core.data.io import read_table  # noqa: E402
-from date_core.data.transforms import BatchTransform  # noqa: E402
-from date_core.engine import build_optimizer, build_scheduler, evaluate, train_step  # noqa: E402
-from date_core.losses import build_criterion  # noqa: E402
-from date_core.config import default_config  # noqa: E402
-from date_core.metrics import grounding_metrics, retrieval_metrics  # noqa: E402
-from date_core.text import load_tokenizer  # noqa: E402
-
 SHARED = ROOT.parent / "shared" / "data" / "freiburg_groceries_voc"
 DOMAIN = "grocery"
 

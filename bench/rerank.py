@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from _common import markdown_table, write_result
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from _common import markdown_table, write_result  # noqa: E402
-
 
 def run_bench(name: str, model: str, data: str, datasets: list[tuple[str, str]], weights: list[float],
               candidates: int, threads: int) -> dict:

@@ -39,13 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from _common import hardware, markdown_table, write_result
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from _common import hardware, markdown_table, write_result  # noqa: E402
-
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 METHODS = ("numpy", "exact", "hnsw", "ivf")
 

@@ -25,10 +25,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, write_result  # noqa: E402
+from _common import markdown_table, write_result  # noqa: E402  (after the thread settings)
 
 
 def plain(root: Path, steps: int, batch_size: int, threads: int) -> dict:

@@ -82,6 +82,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def schedule_from_config(optimizer: torch.optim.Optimizer, cfg_train: Mapping[str, Any],
+                         total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The ``train:`` section's schedule over ``total_steps`` optimiser steps: ``warmup_steps``
+    (at most a fifth of the run, so that a short run, e.g. a later PG-DA round, still decays),
+    then cosine decay to ``min_lr_ratio * lr``. Every training loop builds its schedule here."""
+    total_steps = max(1, int(total_steps))
+    warmup = min(int(cfg_train.get("warmup_steps") or 0), total_steps // 5)
+    return build_scheduler(optimizer, warmup, total_steps, float(cfg_train.get("min_lr_ratio") or 0.0))
+
+
 def to_device(batch: Batch, device: str | torch.device) -> dict[str, Tensor]:
     """Every array of a batch as a tensor on ``device`` (numpy from Ray Data is accepted)."""
     out = {}
@@ -288,8 +298,7 @@ def fit(model: nn.Module, train_batches_factory: Callable[[], Iterable[Batch]], 
         first = train_batches_factory()
         n_batches = len(first) if hasattr(first, "__len__") else sum(1 for _ in first)
         max_steps = max(1, epochs * n_batches // grad_accum)
-    scheduler = build_scheduler(optimizer, int(cfg_train.get("warmup_steps", 0)), max_steps,
-                                float(cfg_train.get("min_lr_ratio", 0.0)))
+    scheduler = schedule_from_config(optimizer, cfg_train, max_steps)
     history: list[dict[str, float]] = []
     start, step, micro = time.perf_counter(), 0, 0
 

@@ -305,15 +305,14 @@ def pretrain_loop(model: DateModel, batches_factory: Callable[[], Iterable[Mappi
     Each step's logs (:func:`pretrain_step`) are appended to ``history`` when given. The heads
     are dropped; :func:`build_pretrainer` + :func:`pretrain_step` keep them.
     """
-    from .engine import build_optimizer, build_scheduler
+    from .engine import build_optimizer, schedule_from_config
 
     pcfg = pretrain_config(cfg)
     tcfg = {"lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 0, **dict(pcfg.get("train") or {})}
     pretrainer, criterion = build_pretrainer(model, tokenizer, pcfg)
     pretrainer.to(device)
     optimizer = build_optimizer(pretrainer.model, tcfg, extra_modules=[pretrainer.heads])
-    scheduler = build_scheduler(optimizer, min(int(tcfg.get("warmup_steps") or 0), steps // 5), steps,
-                                float(tcfg.get("min_lr_ratio") or 0.0))
+    scheduler = schedule_from_config(optimizer, tcfg, steps)
     grad_accum = int(tcfg.get("grad_accum") or 1)
     generator = torch.Generator().manual_seed(int(seed))
     step = micro = 0

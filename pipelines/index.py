@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _cli  # noqa: F401  (path and offline environment)
+from date_core import cli  # noqa: F401  (the offline environment, set on import)
 
 
 def parse_dataset(text: str) -> tuple[str, str]:

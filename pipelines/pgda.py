@@ -23,22 +23,22 @@ from __future__ import annotations
 
 import sys
 
-import _cli
+from date_core import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.config_parser(__doc__)
+    parser = cli.config_parser(__doc__)
     args = parser.parse_args(argv)
-    cfg = _cli.resolve(args, "pgda")
+    cfg = cli.resolve(args, "pgda")
     if args.dry_run:
         return 0
-    _cli.check_dataset(cfg, "pgda")
+    cli.check_dataset(cfg, "pgda")
     from date_core.runtime import session
     from date_core.runtime.pgda import run_pgda
 
     session.init_ray(cfg)
     name = session.run_name(cfg, "pgda")
-    with _cli.stage_errors("pgda", name):
+    with cli.stage_errors("pgda", name):
         run_pgda(cfg, name)
     return 0
 

@@ -37,7 +37,7 @@ import os
 import sys
 import time
 
-import _cli  # noqa: F401  (puts the checkout on sys.path, sets offline env)
+from date_core import cli  # noqa: F401  (the offline environment, set on import)
 
 PAPER_SCALE_NOTE = """\
 Paper scale (474k mall + 101k live images, ~690k pairs): run

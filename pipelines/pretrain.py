@@ -22,14 +22,14 @@ import json
 import sys
 import tempfile
 
-import _cli
+from date_core import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.config_parser(__doc__)
+    parser = cli.config_parser(__doc__)
     parser.add_argument("--out", metavar="DIR", help="also copy the final model folder here (DIR/model)")
     args = parser.parse_args(argv)
-    cfg = _cli.resolve(args, "pretrain")
+    cfg = cli.resolve(args, "pretrain")
     if args.dry_run:
         return 0
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment_id = tracking.setup(cfg["runtime"]["experiment"])
     print(f"[pretrain] run {name}: {cfg['runtime']['num_workers']} worker(s), gpu={cfg['runtime']['use_gpu']}, "
           f"storage {cfg['runtime']['storage']}", flush=True)
-    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp, _cli.stage_errors("pretrain", name):
+    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp, cli.stage_errors("pretrain", name):
         result = run_pretrain(cfg, name, experiment_id=experiment_id, out_dir=args.out or tmp)
     registered = cfg["pretrain"]["registered_model"]
     model = str(result.model_dir) if args.out else f"models:/{registered}/{result.version}"

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import sys
 
-import _cli
+from date_core import cli
 
 REFUSED, MISSING = 3, 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.config_parser(__doc__)
+    parser = cli.config_parser(__doc__)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--version", help="registered version to promote")
     which.add_argument("--run", metavar="RUN_ID", help="MLflow run whose logged model to promote (registered if needed)")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
              "promote.split": args.split, "promote.metric": args.metric, "promote.margin": args.margin,
              "promote.guards": args.guard, "promote.tolerance": args.tolerance, "promote.limit": args.limit}
     args.overrides += [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = _cli.resolve(args, "promote")
+    cfg = cli.resolve(args, "promote")
     if args.dry_run:
         return 0
 

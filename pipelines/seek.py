@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-import _cli  # noqa: F401  (path and offline environment)
+from date_core import cli  # noqa: F401  (the offline environment, set on import)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,11 +30,11 @@ import json
 import sys
 from pathlib import Path
 
-import _cli
+from date_core import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.config_parser(__doc__)
+    parser = cli.config_parser(__doc__)
     parser.add_argument("--space", required=True, metavar="tune_spaces/X.yaml", help="search space file")
     parser.add_argument("--select-by", choices=("target_val", "proxy"), default="target_val",
                         help="model selection: labelled target validation split, or the unsupervised proxy")
@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         space = dataclasses.replace(space, num_samples=args.num_samples)
     # the space's config keys: over --config, under --set (JSON is YAML, as --set values are read)
     args.overrides = [f"{k}={json.dumps(v)}" for k, v in space.config.items()] + args.overrides
-    cfg = _cli.resolve(args, "sweep")
+    cfg = cli.resolve(args, "sweep")
     print(f"[sweep] search space {args.space}: " + ", ".join(f"{k} {d}" for k, d in space.params.items()), flush=True)
     if args.dry_run:
         return 0
-    _cli.check_dataset(cfg, "pgda")
+    cli.check_dataset(cfg, "pgda")
     from date_core.runtime import session
     from date_core.runtime.sweep import SweepError, check_target_labels, run_sweep
 

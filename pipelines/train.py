@@ -18,17 +18,17 @@ import json
 import sys
 import tempfile
 
-import _cli
+from date_core import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.config_parser(__doc__)
+    parser = cli.config_parser(__doc__)
     parser.add_argument("--out", metavar="DIR", help="also copy the final model folder here")
     args = parser.parse_args(argv)
-    cfg = _cli.resolve(args, "train")
+    cfg = cli.resolve(args, "train")
     if args.dry_run:
         return 0
-    _cli.check_dataset(cfg, "train")
+    cli.check_dataset(cfg, "train")
 
     from date_core.runtime import session, tracking
     from date_core.runtime.dataset import ensure_dataset
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[train] run {name}: {cfg['runtime']['num_workers']} worker(s), gpu={cfg['runtime']['use_gpu']}, "
           f"storage {cfg['runtime']['storage']}", flush=True)
     # without --out the local model copy is temporary: the model lives in MLflow and Ray storage
-    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp, _cli.stage_errors("train", name):
+    with tempfile.TemporaryDirectory(prefix=f"date-{name}-") as tmp, cli.stage_errors("train", name):
         result = run_stage(cfg, name, stage="train", experiment_id=experiment_id, out_dir=args.out or tmp)
     shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if "/pr/" in k or "/pg/" in k}
     model = str(result.model_dir) if args.out else f"models:/{cfg['runtime']['registered_model']}/{result.version}"

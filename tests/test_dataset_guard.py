@@ -3,7 +3,7 @@ default's root or when asked with ``data.synth.generate``; any other root withou
 and a dataset without a domain or split the stage reads, stops with one line."""
 from __future__ import annotations
 
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,6 @@ from date_core.config import resolve_config
 from date_core.data.schema import DataError
 from date_core.runtime.dataset import default_root, plan_dataset, required_parts
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fake_dataset(root: Path, parts=(("mall", "train"), ("mall", "val"), ("mall", "test"),
@@ -95,8 +94,7 @@ def test_s3_typo_stops(s3_endpoint):
 
 @pytest.mark.parametrize("stage", ["pgda", "train"])
 def test_cli_exits_with_one_line(stage, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    module = __import__(stage)
+    module = importlib.import_module(f"date_pipelines.{stage}")
     typo = tmp_path / "typo"
     with pytest.raises(SystemExit) as exit_:
         module.main(["--set", f"data.root={typo}", "--set", f"runtime.storage={tmp_path / 'ray'}"])

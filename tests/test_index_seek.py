@@ -8,15 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "pipelines"))
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +44,7 @@ def small_model(pw_dataset, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def built_index(ray_module, small_model, pw_dataset, tmp_path_factory):
-    import index as index_cli
+    from date_pipelines import index as index_cli
 
     out = tmp_path_factory.mktemp("index") / "catalogue"
     assert index_cli.main(["--model", str(small_model), "--data", str(pw_dataset), "--out", str(out),
@@ -76,7 +73,7 @@ def test_index_writes_shards_and_manifest(built_index, pw_dataset, small_model):
 
 
 def test_rerun_after_deleting_one_shard_rewrites_only_that_shard(built_index, small_model, pw_dataset, capsys):
-    import index as index_cli
+    from date_pipelines import index as index_cli
 
     shards = sorted((built_index / "embeddings").glob("*.parquet"))
     before = {p.name: p.stat().st_mtime_ns for p in shards}
@@ -96,7 +93,7 @@ def test_rerun_after_deleting_one_shard_rewrites_only_that_shard(built_index, sm
 
 
 def test_index_refuses_a_folder_without_a_dataset(ray_module, small_model, tmp_path, capsys):
-    import index as index_cli
+    from date_pipelines import index as index_cli
 
     assert index_cli.main(["--model", str(small_model), "--data", str(tmp_path / "nothing"),
                            "--out", str(tmp_path / "idx")]) == 2
@@ -125,7 +122,7 @@ def _chromium() -> str | None:
 
 
 def test_seek_prints_hits_and_writes_a_contact_sheet(built_index, small_model, pw_dataset, tmp_path, capsys):
-    import seek as seek_cli
+    from date_pipelines import seek as seek_cli
     from date_core.contact_sheet import BOX_COLOUR, sheet_size
     from date_core.data.io import read_table
 
@@ -166,7 +163,7 @@ def test_seek_prints_hits_and_writes_a_contact_sheet(built_index, small_model, p
 
 
 def test_seek_refuses_another_models_index(built_index, tmp_path, small_model, capsys):
-    import seek as seek_cli
+    from date_pipelines import seek as seek_cli
 
     import torch
 

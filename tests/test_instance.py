@@ -116,16 +116,12 @@ def test_evaluate_cli_instance_mode(ray_module, tmp_path, capsys):
     """``evaluate.py --instance`` on a prepared instance-mode dataset: Product1M's metrics of
     multi/test against single/gallery, the rule chosen on multi/val unless given."""
     import json
-    import sys
     from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "pipelines"))
-    import evaluate as evaluate_cli
-    import prepare
 
     from date_core.inference import save_checkpoint
     from date_core.text import load_tokenizer
+    from date_pipelines import evaluate as evaluate_cli
+    from date_pipelines import prepare
 
     data = str(tmp_path / "pwi")
     assert prepare.main(["synth", "--instance", "--queries", "40", "--items", "20", "--distractors", "6",

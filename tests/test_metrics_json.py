@@ -1,12 +1,9 @@
 """Metrics JSON is strict JSON: NaN / inf metrics are written as null (pipelines/evaluate.py)."""
 from __future__ import annotations
 
-import importlib.util
 import io as _io
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +18,6 @@ from date_core.inference import save_checkpoint
 from date_core.metrics import PG_NAMES, json_safe, metrics_json
 from date_core.text import train_wordpiece
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _strict_loads(text: str):
@@ -32,15 +28,9 @@ def _strict_loads(text: str):
 
 
 def _load_evaluate_cli():
-    sys.path.insert(0, str(ROOT / "pipelines"))  # evaluate.py imports its sibling _cli
-    try:
-        spec = importlib.util.spec_from_file_location("_evaluate_cli_under_test",
-                                                      ROOT / "pipelines" / "evaluate.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "pipelines"))
+    from date_pipelines import evaluate
+
+    return evaluate
 
 
 def _jpeg(seed: int) -> bytes:

@@ -26,8 +26,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def test_help_explains_every_option():
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    import prepare
+    from date_pipelines import prepare
 
     parser = prepare.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io as _io
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from date_core.data.splits import assign_split
 from date_core.data.summary import read_summary
 from date_core.data.transforms import BatchTransform
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
-import prepare  # noqa: E402
+from date_pipelines import prepare
 
 pytestmark = pytest.mark.integration
 

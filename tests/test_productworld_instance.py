@@ -4,7 +4,6 @@ of each through ``pipelines/prepare.py`` with Ray."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,8 +16,7 @@ from date_core.data.productworld.instance import plan_instances, render_instance
 from date_core.data.schema import check_pair_schema
 from date_core.data.summary import read_summary
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
-import prepare  # noqa: E402
+from date_pipelines import prepare
 
 
 def _mentions(caption: str, item_id: str) -> bool:

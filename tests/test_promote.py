@@ -4,16 +4,12 @@ champion, missing things are refused with a non-zero exit, and two racing promot
 aliases consistent."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 from date_core.runtime.promotion import Gate, PromotionError, decide
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "test-promote-seeker"
 
 
@@ -32,14 +28,9 @@ def test_gate_margin_and_guards():
 
 
 def _cli():
-    sys.path.insert(0, str(ROOT / "pipelines"))  # promote.py imports its sibling _cli
-    try:
-        spec = importlib.util.spec_from_file_location("_promote_cli_under_test", ROOT / "pipelines" / "promote.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "pipelines"))
+    from date_pipelines import promote
+
+    return promote
 
 
 @pytest.fixture(scope="module")

@@ -89,16 +89,6 @@ def test_target_stream_runs_after_the_source_stream_reserved_first(ray_module, s
     assert time.monotonic() - t0 < 120
 
 
-def _load_cli():
-    """``pipelines/_cli.py``, the stages' shared plumbing (where failures become one line)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_cli_under_test", ROOT / "pipelines" / "_cli.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _blocking_target(root: str, num_cpus: float | None):
     """Target rows whose reads never return: an induced stall of the target stream."""
     from date_core.runtime.dataio import read_pairs
@@ -116,13 +106,13 @@ def test_an_induced_stall_fails_the_stage_in_one_line_within_its_timeout(ray_mod
     from date_core.runtime import tracking
     from date_core.runtime.supervised import run_stage
 
-    _cli = _load_cli()
+    from date_core import cli
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     cfg = _cfg(pw_dataset, tmp_path / "ray", "model.preset=tiny", "train.batch_size=8", "train.max_steps=4",
                "runtime.cpus_per_worker=0.5", "runtime.stall_timeout_s=15")
     t0 = time.monotonic()
     with pytest.raises(SystemExit) as exit_info:
-        with _cli.stage_errors("pgda", "stall-induced"):
+        with cli.stage_errors("pgda", "stall-induced"):
             run_stage(cfg, "stall-induced", stage="pgda-round", experiment_id=tracking.setup("test-stall"),
                       target=functools.partial(_blocking_target, str(pw_dataset)), register=False,
                       out_dir=tmp_path / "out")

@@ -106,14 +106,7 @@ def ray_slots():
 
 
 def _stage(name: str):
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_{name}_cli_under_test", ROOT / "pipelines" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "pipelines"))
+    return importlib.import_module(f"date_pipelines.{name}")
 
 
 @pytest.mark.integration
@@ -139,6 +132,7 @@ def test_sweep_four_trials_asha_mlflow_and_best_config(ray_slots, mlflow_server,
     assert len(trials) == 4
     for run in trials:  # each trial's config as params, and the selection criteria per round
         assert run.data.params["model.preset"] == "tiny" and "train.seed" in run.data.params
+        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "target_val/pg/mIoU" in run.data.metrics and "proxy/reliability" in run.data.metrics
     stopped = [r for r in trials if r.data.tags.get("date.sweep.status") == "stopped early"]
     assert stopped and all(r.info.status == "KILLED" for r in stopped)

@@ -91,7 +91,7 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     ``tokenizer`` (folder), ``vocab_size``, ``counts``, ``mlflow`` ({uri, run_id} or None)."""
     from safetensors.torch import load_file
 
-    from date_core.engine import build_optimizer, build_scheduler
+    from date_core.engine import build_optimizer, schedule_from_config
     from date_core.inference import load_model
     from date_core.pretrain import HEADS_FILE, build_pretrainer, pretrain_step, pretrain_train_config
     from date_core.text import load_tokenizer
@@ -110,8 +110,7 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     steps_per_epoch = max(1, counts["train"] // world // bs // accum)
     total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
     epochs = -(-total_steps // steps_per_epoch)
-    scheduler = build_scheduler(optimizer, min(int(tcfg.get("warmup_steps", 0)), total_steps // 5), total_steps,
-                                float(tcfg.get("min_lr_ratio") or 0.0))
+    scheduler = schedule_from_config(optimizer, tcfg, total_steps)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     start_step = 0

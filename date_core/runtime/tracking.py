@@ -95,11 +95,13 @@ def start_or_resume(experiment_id: str, run_name: str, stage: str, parent_run_id
 
 
 def log_config(run_id: str, cfg: Mapping[str, Any], uri: str | None = None) -> None:
-    """The full resolved config as flat ``a.b.c`` params (skipped when already logged: params
-    are immutable, and a resumed run has them)."""
+    """The full resolved config: flat ``a.b.c`` params, and the nested file ``config.yaml`` to
+    read or rerun with ``--config`` (skipped when already logged: params are immutable, and a
+    resumed run has them)."""
     client = _client(uri)
     if client.get_run(run_id).data.params:
         return
+    client.log_dict(run_id, dict(cfg), "config.yaml")
     params = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg).items())]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])

@@ -141,7 +141,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     model, see :func:`init_model`), ``tag``
     (metric prefix of the validation split, e.g. ``mall_val``)."""
     from date_core.adapt import EMATeacher, adaptation_step, ema_decay_for, zoom_settings
-    from date_core.engine import build_optimizer, build_scheduler, evaluate
+    from date_core.engine import build_optimizer, evaluate, schedule_from_config
     from date_core.inference import load_model
     from date_core.losses import build_criterion
     from date_core.text import load_tokenizer
@@ -172,8 +172,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     steps_per_epoch = max(1, counts["train"] // world // bs // accum)
     total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
     epochs = -(-total_steps // steps_per_epoch)
-    # a short round (PG-DA's later rounds) must still decay: warm-up takes at most a fifth of it
-    scheduler = build_scheduler(optimizer, min(int(tcfg.get("warmup_steps", 0)), total_steps // 5), total_steps)
+    scheduler = schedule_from_config(optimizer, tcfg, total_steps)
     # PG-DA rounds: an EMA teacher follows the student; it labels the target and is the output
     teacher = None
     if "target" in counts and cfg["adapt"].get("teacher", True):

@@ -1,17 +1,13 @@
-"""Shared command-line plumbing of the pipeline stages: ``--config``, ``--set``, printing the
-resolved config, and making ``date_core`` importable when run as ``python pipelines/X.py``."""
+"""Shared command-line plumbing of the pipeline stages (``pipelines/*.py``, installed as the
+``date-*`` commands): ``--config``, ``--set``, the resolved config, one-line refusals, and the
+offline environment every stage runs in (set on import, before torch or Ray load)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
 import sys
-from pathlib import Path
 from typing import Any, Iterator
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python pipelines/x.py` from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
@@ -36,13 +32,14 @@ def config_parser(description: str) -> argparse.ArgumentParser:
                         help="YAML config merged over the packaged defaults (date_core/configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
                         help="override one config value (YAML syntax, repeatable), e.g. --set train.epochs=2")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config (YAML) and exit")
     return parser
 
 
 def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
-    """Resolve and print the config; exits with one clear line on a bad file or override (an
-    unknown key or a wrongly typed value, anywhere: :mod:`date_core.config_schema`)."""
+    """Resolve the config and say in one line where it came from (``--dry-run`` prints all of
+    it; each run logs it to MLflow as ``config.yaml``); exits with one clear line on a bad file
+    or override (an unknown key or a wrongly typed value, anywhere: :mod:`date_core.config_schema`)."""
     import yaml
 
     from date_core.config import resolve_config
@@ -51,8 +48,21 @@ def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
         cfg = resolve_config(args.config, args.overrides)
     except (OSError, ValueError, KeyError) as exc:
         sys.exit(f"{stage}: bad configuration: {exc}")
-    print(f"[{stage}] resolved config:\n" + yaml.safe_dump(cfg, sort_keys=False).rstrip(), flush=True)
+    if args.dry_run:
+        print(yaml.safe_dump(cfg, sort_keys=False).rstrip(), flush=True)
+    else:
+        print(f"[{stage}] {config_summary(args.config, args.overrides)}", flush=True)
     return cfg
+
+
+def config_summary(config_file: str | None, overrides: list[str]) -> str:
+    """``config: the defaults + my.yaml + 2 overrides (adapt.rounds=3, train.seed=1)``."""
+    parts = ["the defaults"] + ([config_file] if config_file else [])
+    line = "config: " + " + ".join(parts)
+    if overrides:
+        shown = ", ".join(overrides)
+        line += f" + {len(overrides)} override{'s' if len(overrides) > 1 else ''} ({shown})"
+    return line + " (--dry-run prints it; MLflow keeps it as config.yaml)"
 
 
 def check_dataset(cfg: dict[str, Any], stage: str) -> None:
