@@ -7,7 +7,7 @@ downscale-upscale and a blur, it gets a colour cast and a brightness change, a s
 (a banner across the bottom and a badge in a corner, both partly over the picture) and heavy
 JPEG compression. The boxes follow the geometry exactly; the target's boxes are hidden from
 training (used only for evaluation and pseudo-label precision). The knobs were calibrated once
-so that the source-only model sits well below the oracle (BENCHMARKS.md), then frozen here.
+so that the source-only model sits well below the oracle (docs/experiments.md), then frozen here.
 
 Split (deterministic, by a hash of the image id): 55% source train, 25% target train, 20%
 target test (about 990 test pairs: one query per photo).

@@ -9,11 +9,14 @@ the wrong type is a :class:`~date_core.config_schema.ConfigError` (one line) bef
 from __future__ import annotations
 
 import copy
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+# the schema module is the lower layer (the keys, their types and the packaged defaults); this
+# one merges files and overrides over it, so the import goes one way only
+from date_core.config_schema import check, default_config, validate
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,8 +53,6 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
 
 def set_value(cfg: dict[str, Any], path: str, value: Any, where: str = "") -> None:
     """Set the dotted key ``path`` of ``cfg`` in place, checked (and coerced) by the schema."""
-    from date_core.config_schema import check
-
     value = check(path, value, where=where)
     parts = path.split(".")
     node = cfg
@@ -69,12 +70,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold a YAML mapping, got {type(data).__name__}")
     return data
-
-
-def default_config() -> dict[str, Any]:
-    """The packaged defaults (``date_core/configs/default.yaml``)."""
-    text = resources.files("date_core").joinpath("configs/default.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
 
 
 #: Settings that name a local path or an ``s3://`` URI (``model.preset`` only when it is a file).
@@ -101,8 +96,6 @@ def absolute_paths(cfg: Mapping[str, Any], base: str | Path | None = None) -> di
 
 def resolve_config(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """defaults <- ``config_file`` <- ``overrides``, validated, with local paths made absolute."""
-    from date_core.config_schema import validate
-
     cfg = validate(default_config(), "date_core/configs/default.yaml")
     if config_file:
         cfg = deep_merge(cfg, validate(load_yaml(config_file), str(config_file)))

@@ -21,6 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 
@@ -373,6 +374,14 @@ def check(path: str, value: Any, spec: Spec | None = None, where: str = "", root
                           f"({type(value).__name__}){_where(where)}") from None
 
 
+def default_config() -> dict[str, Any]:
+    """The packaged defaults (``date_core/configs/default.yaml``), unchecked."""
+    import yaml
+
+    text = resources.files("date_core").joinpath("configs/default.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
 def validate(cfg: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     """A (possibly partial) config mapping validated against the schema; returns the coerced copy."""
     return check("", cfg, SCHEMA, where)
@@ -382,8 +391,6 @@ def validate(cfg: Mapping[str, Any], where: str = "") -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def describe() -> str:
     """Every key, its type, its default and what it does: the ``--help`` epilog of the stages."""
-    from date_core.config import default_config
-
     defaults = default_config()
     lines = ["config keys (date_core/configs/default.yaml; set with --config FILE.yaml or --set KEY=VALUE):"]
     for path, spec in flat_keys().items():

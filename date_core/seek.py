@@ -18,8 +18,8 @@ import torch
 from .indexing import CatalogueIndex, ImageStore
 from .model.seekers import combine_scores
 
-#: Re-ranking by grounding confidence is off by default: bench/rerank.py measured no R@1 gain
-#: (BENCHMARKS.md, "Re-ranking by grounding").
+#: Re-ranking by grounding confidence is off by default: ``bench/rerank.py`` measures whether it
+#: lifts R@1 (BENCHMARKS.md has the current figure).
 DEFAULT_RERANK_WEIGHT = 0.0
 
 

@@ -10,7 +10,7 @@
   own ``adapt.reliability``), so that trials are ranked by the same yardstick.
 
 The proxy can be fooled (a seeker that is confidently and consistently wrong scores high), which
-is why the README reports how well it ranks trials against the labelled metric.
+is why docs/sweeps-and-promotion.md reports how well it ranks trials against the labelled metric.
 """
 from __future__ import annotations
 

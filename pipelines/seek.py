@@ -8,7 +8,7 @@ hit, print the top-k with scores and boxes, and write a contact sheet (PNG + sel
 MODEL must be the model the index was built with (its weights' fingerprint is checked).
 Search is exact unless --approximate (FAISS HNSW, built when the index is loaded). With
 --rerank-weight W > 0, --candidates images per query are grounded and re-ranked by
-similarity + W x grounding confidence (off by default: measured no R@1 gain, BENCHMARKS.md).
+similarity + W x grounding confidence (off by default; BENCHMARKS.md has the measured gain).
 """
 from __future__ import annotations
 

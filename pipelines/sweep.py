@@ -14,7 +14,7 @@ Model selection (--select-by) is explicit:
               (ProductWorld's live/val has them). The honest choice when you can label.
   proxy       unsupervised: the seeker's mean pseudo-label reliability on the target validation
               pairs (teacher confidence and agreement between views; boxes unread). Needs no
-              labels, but can prefer a confidently wrong seeker; the README reports how well it
+              labels, but can prefer a confidently wrong seeker; docs/sweeps-and-promotion.md reports how well it
               ranks trials against the labelled metric.
 Both are computed and logged every round either way; the summary prints their rank correlation.
 

@@ -1,7 +1,7 @@
 """``cluster.yaml`` passes Ray's own cluster-config checks (the steps ``ray up`` runs before it
 contacts AWS: ``prepare_config``, then ``validate_config`` against the autoscaler's schema,
 which rejects unknown keys), has a GPU worker type, and references only files that exist.
-The on-premises variant shown in the README passes the same checks."""
+The on-premises variant shown in docs/cluster.md passes the same checks."""
 from __future__ import annotations
 
 import copy
@@ -93,15 +93,13 @@ def test_referenced_files_exist(cluster):
         assert (ROOT / name).is_file(), name
 
 
-def _readme_yaml_blocks() -> list[dict]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Run on a cluster"):]
-    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
-    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+def _docs_yaml_blocks() -> list[dict]:
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
 
 
-def test_readme_onprem_variant():
-    blocks = [b for b in _readme_yaml_blocks() if b.get("provider", {}).get("type") == "local"]
-    assert blocks, "the README's cluster section shows no on-premises (local provider) config"
+def test_docs_onprem_variant():
+    blocks = [b for b in _docs_yaml_blocks() if b.get("provider", {}).get("type") == "local"]
+    assert blocks, "docs/cluster.md shows no on-premises (local provider) config"
     prepared = _ray_checks(blocks[0])
     assert prepared["provider"]["head_ip"] and prepared["provider"]["worker_ips"]

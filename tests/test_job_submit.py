@@ -1,7 +1,7 @@
 """The main job as users run it on a cluster: a real Ray head started with ``ray start --head``
 on loopback, ``ray job submit --working-dir .`` with a runtime env carrying the S3 and MLflow
 settings (data and checkpoints on the loopback S3 endpoint, MLflow on a loopback server),
-``ray job logs`` afterwards. The README's "Run on a cluster" section uses the same commands."""
+``ray job logs`` afterwards. docs/cluster.md uses the same commands."""
 from __future__ import annotations
 
 import json
@@ -99,7 +99,7 @@ def _upload(local: Path, uri: str) -> None:
 
 
 def _ray_cli(address: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    """``ray <args>`` with ``RAY_ADDRESS`` set to the job server, as the README has it."""
+    """``ray <args>`` with ``RAY_ADDRESS`` set to the job server, as docs/cluster.md has it."""
     return subprocess.run([RAY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**_ray_env(), "RAY_ADDRESS": address})
 
@@ -208,7 +208,7 @@ def test_ray_job_submit_pgda(ray_head, s3_endpoint, mlflow_server, pw_dataset, t
     assert "live_test/pg/acc_at_0.5" in parents[0].data.metrics
     assert [v.version for v in client.search_model_versions("name = 'test-job-seeker'")] == ["1"]
 
-    # the README's next step: promote the registered version, as a job too
+    # docs/cluster.md's next step: promote the registered version, as a job too
     _submit(ray_head, f"date-promote-{uuid.uuid4().hex[:8]}", runtime_env, "python", "pipelines/promote.py",
             "--version", "1", "--set", f"data.root={prefix}/pw", "--set", "runtime.registered_model=test-job-seeker")
     assert client.get_model_version_by_alias("test-job-seeker", "champion").version == "1"

@@ -33,8 +33,7 @@ Design choices (config keys under ``adapt``):
   the (predicted) box's log area, so that they are compared with source pairs of the target's
   box sizes: a weighted MMD, or a weighted BCE of the discriminators. Without it, matching
   ``fused`` (which also sets the size) pulls small target products' boxes to source sizes
-  (BENCHMARKS.md: on Freiburg live, reweighting lifted full DATE from 0.06 to 0.17 acc@0.5;
-  alignment still hurts there).
+  (docs/experiments.md has the measurements).
 * ``protect_box: true`` projects the conditional term's gradient at ``fused``, per pair, off
   the directions that move the box head's outputs (its size logits and centre refinements:
   :meth:`~date_core.model.seekers.GroundingSeeker.box_jacobian`). The term can then still

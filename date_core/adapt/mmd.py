@@ -169,9 +169,8 @@ def size_shift_weights(source_boxes: torch.Tensor, target_boxes: torch.Tensor, b
     they are constants of the loss.
 
     Why: the conditional feature ``fused`` also sets the box size. Where the target's products
-    are smaller than the source's (ProductWorld live: 0.065 of the frame against mall's 0.152),
-    plain alignment pulls the target's boxes to source sizes (BENCHMARKS.md: predicted /
-    true area 1.7 -> 2.7). Weighted by size, the source sample that the target is compared with
+    are smaller than the source's (as in ProductWorld live against mall), plain alignment pulls
+    the target's boxes to source sizes (docs/experiments.md has the predicted / true areas). Weighted by size, the source sample that the target is compared with
     has the target's sizes, so alignment has no size difference left to close.
     """
     if source_boxes.ndim != 2 or target_boxes.ndim != 2 or source_boxes.shape[1] < 4 or target_boxes.shape[1] < 4:

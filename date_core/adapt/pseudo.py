@@ -100,9 +100,8 @@ def predict_views(model: torch.nn.Module, batch: Mapping[str, Any], views: Seque
         focus_zoom: zoom in (``> 1``) about each pair's first box centre before the views, so
             every view sees the product about ``focus_zoom`` times larger (:class:`~.views.Focus`);
             boxes map back exactly. Why: a seeker trained on the source draws target products
-            that are smaller than the source's at source sizes (Freiburg live: its boxes 1.5-1.9x
-            too big in area); zoomed 1.5x, the first teacher's boxes were right at IoU 0.5 for
-            42-49% of the target pairs against 22-26% (BENCHMARKS.md). One extra forward pass
+            that are smaller than the source's at source sizes (too big); zoomed in, the first
+            teacher's boxes are right more often (docs/experiments.md). One extra forward pass
             (the first guess).
     Returns numpy arrays (N = batch size, V = number of views):
         ``view_boxes [N, V, 4]`` cxcywh in the original square, clipped to [0, 1];

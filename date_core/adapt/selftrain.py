@@ -207,12 +207,10 @@ def round_loss_weights(weights: Mapping[str, Any], cfg_adapt: Mapping[str, Any],
 
     Why: the round that trains before the first labelling makes the teacher that labels the
     target, and the rounds after it train on those labels; the two ask different things of
-    alignment. With ``align_from_round: 1`` the first labels are those of pseudo-labels alone
-    (Freiburg live: alignment in round 2 then adds nothing, BENCHMARKS.md). With
-    ``align_until_round: 1`` only the labelling teacher is aligned and the later rounds train on
-    its labels without alignment (Freiburg live: the same as aligning every round, +0.003 ±
-    0.004; alignment's growth of the target boxes is done in round 1). The defaults (0 and
-    null) align in every round."""
+    alignment. With ``align_from_round: 1`` the first labels are those of pseudo-labels alone.
+    With ``align_until_round: 1`` only the labelling teacher is aligned and the later rounds
+    train on its labels without alignment (docs/experiments.md compares the three). The
+    defaults (0 and null) align in every round."""
     from ..losses import ALIGNMENT_TERMS
 
     start = int(cfg_adapt.get("align_from_round", 0) or 0)

@@ -4,8 +4,8 @@ Unbiased Teacher and Adaptive Teacher let the teacher label a weakly augmented t
 train the student on a *strongly* augmented copy with that label: colour jitter, grayscale,
 blur and cutout. Without the gap, a pseudo label that the teacher got right is one the student
 already predicts (it is the teacher's average), so it carries no information, while the wrong
-ones still teach their mistakes; ``bench/pgda_ablation.py --label-filter right`` measured
-exactly that (BENCHMARKS.md). The strong view asks the student to find the product in a
+ones still teach their mistakes; ``bench/pgda_ablation.py --label-filter right`` is the
+diagnostic that measures it (docs/experiments.md). The strong view asks the student to find the product in a
 degraded frame, which is also what live-stream frames look like.
 
 Every operation is photometric (pixels move nowhere), so boxes stay valid. Parameters follow

@@ -17,8 +17,7 @@ composition; the EMA teacher, the labelling pass and evaluation would then see o
 normalisations than training did. Frozen statistics make train and eval mode identical and keep
 data-parallel training exact. The stem and the first ``frozen_blocks`` MBConv blocks are frozen
 too: they hold generic low-level filters, and their backward pass (depthwise convolutions at
-high resolution) is most of the cost of a step on a CPU (measured: 2.8 s -> 0.36 s for fwd+bwd
-of 32 images at 160 px, 2 cores, with the first 5 blocks frozen).
+high resolution) is most of the cost of a step on a CPU (``bench/model_step.py`` measures it).
 """
 from __future__ import annotations
 

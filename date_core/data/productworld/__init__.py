@@ -15,7 +15,7 @@ Facts (default config, measured by ``bench/blind_baseline.py``):
 - ``mall``: 320x240 catalogue photos, 1-3 products (2.2 mean), ~1.38 rows per image;
 - ``live``: 320x180 stream frames, 3-6 products (4.5 mean), targets ~1.8x smaller (linear),
   ~1.48 rows per image;
-- query-blind Acc@0.5 (largest product): ~0.52 mall, ~0.27 live;
+- query-blind baselines (e.g. the largest product's box) per domain: ``bench/blind_baseline.py``;
 - image ``i`` of domain ``d`` with seed ``s`` depends only on ``(s, d, i)`` and the config.
 
 See ``catalogue`` (fixed item set), ``config`` (difficulty knobs), ``render`` (composition),
