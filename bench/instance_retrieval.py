@@ -82,7 +82,7 @@ def train(model: torch.nn.Module, criterion, data, steps: int, args, seed: int) 
     """``steps`` optimiser steps of ``engine.train_step`` -> training seconds."""
     if steps <= 0:
         return 0.0
-    opt = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05})
+    opt = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05, "encoder_lr_mult": 1.0})
     sched = build_scheduler(opt, min(args.warmup, steps // 5), steps, min_lr_ratio=0.05)
     t0 = time.perf_counter()
     for step, batch in zip(range(steps), endless(data, args.batch_size, seed)):

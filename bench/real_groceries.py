@@ -118,7 +118,7 @@ def train(data: dict, vocab: int, max_len: int, args) -> tuple[dict, list[dict],
     rng = np.random.default_rng(args.seed)
     model = build_model(args.preset, vocab_size=vocab, max_text_len=max_len)
     criterion = build_criterion(dict(default_config()["loss"]), gather=False)
-    optimizer = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05})
+    optimizer = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05, "encoder_lr_mult": 1.0})
     scheduler = build_scheduler(optimizer, warmup_steps=max(1, args.steps // 20), total_steps=args.steps,
                                 min_lr_ratio=0.05)
     n = data["train"][B.PAIR_KEY].shape[0]

@@ -33,6 +33,8 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
                         help="override one config value (YAML syntax, repeatable), e.g. --set train.epochs=2")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (YAML) and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's INFO lines and core logs, and MLflow's database set-up")
     return parser
 
 
@@ -44,6 +46,7 @@ def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
 
     from date_core.config import resolve_config
 
+    set_verbosity(bool(getattr(args, "verbose", False)))
     try:
         cfg = resolve_config(args.config, args.overrides)
     except (OSError, ValueError, KeyError) as exc:
@@ -53,6 +56,20 @@ def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     else:
         print(f"[{stage}] {config_summary(args.config, args.overrides)}", flush=True)
     return cfg
+
+
+def set_verbosity(verbose: bool) -> None:
+    """``--verbose``: ``DATE_VERBOSE=1`` for this process and the Ray processes it starts
+    (:func:`date_core.runtime.session.local_ray_options` reads it); otherwise library loggers
+    that narrate their routine (MLflow creating its database tables, checking a model's input
+    example against its signature) stay at WARNING."""
+    import logging
+
+    if verbose:
+        os.environ["DATE_VERBOSE"] = "1"
+        return
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.pyfunc"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def config_summary(config_file: str | None, overrides: list[str]) -> str:

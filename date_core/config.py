@@ -9,6 +9,7 @@ the wrong type is a :class:`~date_core.config_schema.ConfigError` (one line) bef
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -28,6 +29,20 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def config_section(name: str, partial: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``name`` section of ``default.yaml`` with ``partial`` merged over it (``partial`` wins).
+
+    Builders that take one section (``build_optimizer``, ``build_aligner``, the pretraining
+    loop) read it through here, so a key they are not given takes the packaged default, never
+    a second default written in code."""
+    return deep_merge(_packaged_defaults()[name], dict(partial or {}))
+
+
+@lru_cache(maxsize=1)
+def _packaged_defaults() -> dict[str, Any]:
+    return default_config()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -39,13 +39,16 @@ def build_optimizer(model: nn.Module, cfg_train: Mapping[str, Any],
                     extra_modules: Iterable[nn.Module] = ()) -> torch.optim.Optimizer:
     """AdamW over the model (and e.g. a domain discriminator in ``extra_modules``).
 
-    ``cfg_train``: the ``train:`` config section; reads ``lr``, ``weight_decay``, optional
-    ``betas`` and ``encoder_lr_mult`` (learning-rate factor for the two encoders, useful with
-    pretrained ones).
+    ``cfg_train``: the ``train:`` config section, or part of it (the rest from ``default.yaml``);
+    reads ``lr``, ``weight_decay``, ``betas`` and ``encoder_lr_mult`` (learning-rate factor for
+    the two encoders, useful with pretrained ones).
     """
-    lr = float(cfg_train.get("lr", 1e-3))
-    wd = float(cfg_train.get("weight_decay", 0.05))
-    enc_mult = float(cfg_train.get("encoder_lr_mult", 1.0))
+    from .config import config_section
+
+    cfg_train = config_section("train", cfg_train)  # a key not given takes default.yaml's value
+    lr = float(cfg_train["lr"])
+    wd = float(cfg_train["weight_decay"])
+    enc_mult = float(cfg_train["encoder_lr_mult"])
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     modules = [("", model), *((f"extra{i}.", m) for i, m in enumerate(extra_modules))]
@@ -63,7 +66,7 @@ def build_optimizer(model: nn.Module, cfg_train: Mapping[str, Any],
          "lr": lr * (enc_mult if is_encoder else 1.0)}
         for (no_decay, is_encoder), params in groups.items()
     ]
-    betas = tuple(cfg_train.get("betas", (0.9, 0.999)))
+    betas = tuple(cfg_train["betas"])
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=wd)
 
 
@@ -87,9 +90,12 @@ def schedule_from_config(optimizer: torch.optim.Optimizer, cfg_train: Mapping[st
     """The ``train:`` section's schedule over ``total_steps`` optimiser steps: ``warmup_steps``
     (at most a fifth of the run, so that a short run, e.g. a later PG-DA round, still decays),
     then cosine decay to ``min_lr_ratio * lr``. Every training loop builds its schedule here."""
+    from .config import config_section
+
+    cfg_train = config_section("train", cfg_train)
     total_steps = max(1, int(total_steps))
-    warmup = min(int(cfg_train.get("warmup_steps") or 0), total_steps // 5)
-    return build_scheduler(optimizer, warmup, total_steps, float(cfg_train.get("min_lr_ratio") or 0.0))
+    warmup = min(int(cfg_train["warmup_steps"]), total_steps // 5)
+    return build_scheduler(optimizer, warmup, total_steps, float(cfg_train["min_lr_ratio"]))
 
 
 def to_device(batch: Batch, device: str | torch.device) -> dict[str, Tensor]:
@@ -214,7 +220,8 @@ def optimizer_update(optimizer: torch.optim.Optimizer, scheduler: Any, stepping:
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
-    logs["lr"] = float(optimizer.param_groups[0]["lr"])
+    # the peak rate (the heads'); the encoders' groups run at encoder_lr_mult of it
+    logs["lr"] = max(float(g["lr"]) for g in optimizer.param_groups)
     logs["stepped"] = 1.0 if stepping else 0.0
     return logs
 

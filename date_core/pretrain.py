@@ -250,9 +250,9 @@ def build_pretrainer(model: DateModel, tokenizer: Any, pcfg: Mapping[str, Any] |
 
 def pretrain_config(pcfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``pretrain:`` section of ``date_core/configs/default.yaml`` with ``pcfg`` merged over it."""
-    from .config import deep_merge, default_config
+    from .config import config_section
 
-    return deep_merge(default_config()["pretrain"], dict(pcfg or {}))
+    return config_section("pretrain", pcfg)
 
 
 def pretrain_train_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ def train_wordpiece(queries: Iterable[str], vocab_size: int = 8000, min_frequenc
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        show_progress=False,  # without a terminal its progress bars leave one blank line per phase
     )
     tok.train_from_iterator((str(q) for q in queries), trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from date_core.adapt import build_aligner
+from _aligner import build_plain
+
 from date_core.adapt.aligner import CONDITIONAL, MARGINAL_IMAGE, MARGINAL_QUERY, pool_tokens
 from date_core.config import default_config
 
@@ -25,13 +26,13 @@ def _outputs(n: int, shift: float, seed: int, k: int = 4, d: int = 8, fd: int = 
 
 
 def _mmd_aligner(**cfg):
-    return build_aligner({"aligner": "mmd", **cfg}, token_dim=8, num_tokens=4, fused_dim=8)
+    return build_plain({"aligner": "mmd", **cfg}, token_dim=8, num_tokens=4, fused_dim=8)
 
 
 def test_loss_names_are_weight_keys_of_the_config():
     weights = default_config()["loss"]
     mmd = _mmd_aligner()
-    adv = build_aligner({"aligner": "adversarial"}, token_dim=8, num_tokens=4, fused_dim=8)
+    adv = build_plain({"aligner": "adversarial"}, token_dim=8, num_tokens=4, fused_dim=8)
     for aligner in (mmd, adv):
         losses = aligner(_outputs(8, 0.0, 1), _outputs(8, 1.0, 2))
         assert set(losses) == set(aligner.loss_names)
@@ -85,7 +86,7 @@ def test_pool_tokens_shapes():
 
 def test_bad_config_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="aligner"):
-        build_aligner({"aligner": "coral"}, token_dim=8, num_tokens=4, fused_dim=8)
+        build_plain({"aligner": "coral"}, token_dim=8, num_tokens=4, fused_dim=8)
     with pytest.raises(ValueError, match="token_pooling"):
         _mmd_aligner(token_pooling="max")
     with pytest.raises(ValueError, match="conditional"):
@@ -159,8 +160,8 @@ def test_adversarial_size_reweight_weights_the_source_pairs_of_the_discriminator
     src = _sized_outputs([0.03] * 6 + [0.2] * 6, seed=3)
     tgt = _sized_outputs([0.03] * 8, seed=4)
     cfg = {"aligner": "adversarial", "discriminator": {"dropout": 0.0}}
-    plain = build_aligner(cfg, token_dim=8, num_tokens=4, fused_dim=8).eval()
-    weighted = build_aligner({**cfg, "size_reweight": True}, token_dim=8, num_tokens=4, fused_dim=8).eval()
+    plain = build_plain(cfg, token_dim=8, num_tokens=4, fused_dim=8).eval()
+    weighted = build_plain({**cfg, "size_reweight": True}, token_dim=8, num_tokens=4, fused_dim=8).eval()
     weighted.load_state_dict(plain.state_dict())                        # the same discriminators
     w = size_shift_weights(src["pred_boxes"], tgt["pred_boxes"])
     expected = 0.0
@@ -209,7 +210,7 @@ def test_protect_box_removes_the_conditional_gradient_along_the_box_head(kind):
     grads = {}
     for protect in (False, True):
         torch.manual_seed(0)
-        aligner = build_aligner({**cfg, "protect_box": protect}, token_dim=8, num_tokens=4, fused_dim=16,
+        aligner = build_plain({**cfg, "protect_box": protect}, token_dim=8, num_tokens=4, fused_dim=16,
                                 box_jacobian=seeker.box_jacobian)
         if kind == "adversarial":
             aligner.set_progress(1.0)  # the GRL warm-up starts at 0: no gradient at all
@@ -232,7 +233,7 @@ def test_protected_alignment_steps_leave_the_box_head_outputs_alone():
     head = lambda f: torch.cat([seeker.size(f), seeker.refine(f)], dim=-1)  # noqa: E731
     moved = {}
     for protect in (False, True):
-        aligner = build_aligner({"aligner": "mmd", "conditional": "fused", "size_reweight": False,
+        aligner = build_plain({"aligner": "mmd", "conditional": "fused", "size_reweight": False,
                                  "protect_box": protect}, token_dim=8, num_tokens=4, fused_dim=16,
                                 box_jacobian=seeker.box_jacobian)
         ft = ft0.clone().requires_grad_(True)

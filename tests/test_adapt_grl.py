@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from date_core.adapt import GradientReversal, build_aligner, grad_reverse, grl_coefficient
+from _aligner import build_plain
+
+from date_core.adapt import GradientReversal, grad_reverse, grl_coefficient
 from date_core.adapt.aligner import ADVERSARIAL, AdversarialAligner
 
 
@@ -56,7 +58,7 @@ SHIFT = 1.0
 
 def test_discriminator_learns_to_separate_shifted_domains_when_grl_is_off():
     torch.manual_seed(0)
-    aligner = build_aligner({"aligner": "adversarial", "discriminator": {
+    aligner = build_plain({"aligner": "adversarial", "discriminator": {
         "hidden": 32, "dropout": 0.0, "grl_schedule": "constant", "grl_max_coeff": 0.0}},
         token_dim=8, num_tokens=4, fused_dim=8)
     opt = torch.optim.Adam(aligner.parameters(), lr=3e-3)
@@ -121,11 +123,11 @@ def test_grl_step_counter_advances_in_training_only_and_is_checkpointed():
 
 
 def test_adversarial_parameters_train_with_the_model():
-    aligner = build_aligner({"aligner": "adversarial"}, token_dim=8, num_tokens=4, fused_dim=8)
+    aligner = build_plain({"aligner": "adversarial"}, token_dim=8, num_tokens=4, fused_dim=8)
     params = list(aligner.parameters())
     assert params and all(p.requires_grad for p in params)
     aligner(_outputs(4, 0.0, 1), _outputs(4, 1.0, 2))[ADVERSARIAL].backward()
     assert all(p.grad is not None for p in params)
     with pytest.raises(ValueError, match="parts"):
-        build_aligner({"aligner": "adversarial", "discriminator": {"parts": {"box": 1.0}}},
+        build_plain({"aligner": "adversarial", "discriminator": {"parts": {"box": 1.0}}},
                       token_dim=8, num_tokens=4, fused_dim=8)

@@ -155,3 +155,18 @@ def test_racing_promotions_leave_aliases_consistent(registry, pw_dataset):
         node = client.get_model_version(MODEL, node).tags.get("date.promotion.replaced")
     assert chain[-1] == v["worst"] and all(d.challenger in chain for d in results.values() if d.promote)
     assert not client.search_registered_models(f"name='{MODEL}{promotion.LOCK_SUFFIX}'")
+
+
+def test_a_registered_version_loads_as_a_pyfunc_that_embeds_queries(registry):
+    """The registry holds the seeker as code plus its checkpoint (no pickled object): any MLflow
+    client loads a version and gets one finite embedding per query, as the signature says."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    _, v = registry
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{v['best']}")
+    assert [c.name for c in model.metadata.signature.inputs.inputs] == ["query"]
+    out = model.predict(pd.DataFrame({"query": ["red running shoe", "blue handbag", "red running shoe"]}))
+    assert out.shape[0] == 3 and out.ndim == 2 and np.isfinite(out).all()
+    assert np.allclose(out[0], out[2]) and not np.allclose(out[0], out[1])

@@ -1,6 +1,8 @@
 """The local Ray that a stage starts (``session.init_ray``): what the user reads in the driver's
-output. Each worker progress line must arrive once, and Ray Train's placement-group cleaner must
-not warn every second that the State API (no dashboard on a local Ray) is out of reach.
+output. Each worker progress line must arrive once, Ray Train's placement-group cleaner must
+not warn every second that the State API (no dashboard on a local Ray) is out of reach, and
+Ray's core warnings stay off without ``--verbose`` (a dozen worker processes on a small
+machine, Ray Data's restartable map actors, Ray Train's controller actors).
 
 Runs in a subprocess: ``init_ray`` starts its own Ray, which must not meet the test modules'."""
 from __future__ import annotations
@@ -31,11 +33,30 @@ SCRIPT = textwrap.dedent("""
 
     TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
                  run_config=RunConfig(storage_path=sys.argv[1], name="quiet")).fit()
+
+    import numpy as np
+    import ray
+
+    class Double:  # an actor pool whose constructor argument Ray Data keeps in the object store
+        def __call__(self, batch):
+            return {"id": batch["id"] * 2}
+
+    assert ray.data.range(64).map_batches(Double, compute=ray.data.ActorPoolStrategy(size=1)).sum("id") == 4032
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def ping(self):
+            return 1
+
+    actors = [Idle.remote() for _ in range(14)]  # past the raylet's default "too many workers" mark
+    assert sum(ray.get([a.ping.remote() for a in actors])) == 14
+    time.sleep(2)
 """)
 
 
 def test_local_ray_prints_each_worker_line_once_without_state_api_noise(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PRINT_PATCH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+                                                            "RAY_BACKEND_LOG_LEVEL", "RAY_AUTH_MODE", "DATE_VERBOSE")}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ray")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -43,3 +64,6 @@ def test_local_ray_prints_each_worker_line_once_without_state_api_noise(tmp_path
     for i in range(5):
         assert out.count(f"[train] progress line {i}") == 1, out[-3000:]
     assert "Failed to query Ray Train Controller" not in out
+    for noise in ("core_worker.cc", "worker processes have been started", "Token authentication",
+                  "Started a local Ray instance"):
+        assert noise not in out, (noise, out[-3000:])

@@ -328,10 +328,10 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
     """Build the aligner selected by ``cfg_adapt['aligner']`` (``mmd`` | ``adversarial``).
 
     Args:
-        cfg_adapt: the ``adapt`` config section. Keys read (all optional except ``aligner``):
-            ``token_pooling`` (flatten | mean | tokens), ``conditional`` (joint | fused),
-            ``conditional_detach_boxes`` (bool), ``size_reweight`` (bool; False when absent,
-            ``default.yaml`` sets it true), ``protect_box`` (bool; needs ``box_jacobian``),
+        cfg_adapt: the ``adapt`` config section, or part of it (the rest from ``default.yaml``).
+            Keys read: ``aligner``, ``token_pooling`` (flatten | mean | tokens), ``conditional``
+            (joint | fused), ``conditional_detach_boxes``, ``size_reweight``, ``protect_box``
+            (needs ``box_jacobian``),
             ``mmd: {multipliers, estimator}``,
             ``discriminator: {hidden, dropout, parts: {image, query, conditional},
             grl_schedule, grl_gamma, grl_max_steps, grl_max_coeff}``.
@@ -342,29 +342,31 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
             (:meth:`~date_core.model.seekers.GroundingSeeker.box_jacobian`); used only under
             ``protect_box``.
     """
-    kind = cfg_adapt.get("aligner", "mmd")
-    if bool(cfg_adapt.get("protect_box", False)):
+    from ..config import config_section
+
+    cfg_adapt = config_section("adapt", cfg_adapt)  # a key not given takes default.yaml's value
+    kind = cfg_adapt["aligner"]
+    if bool(cfg_adapt["protect_box"]):
         if box_jacobian is None:
             raise ValueError("adapt.protect_box needs the model's box head: build the aligner with "
                              "build_aligner_for_model(cfg_adapt, model)")
     else:
         box_jacobian = None
-    pooling = cfg_adapt.get("token_pooling", "flatten")
-    detach = bool(cfg_adapt.get("conditional_detach_boxes", True))
-    size_reweight = bool(cfg_adapt.get("size_reweight", False))
+    pooling = cfg_adapt["token_pooling"]
+    detach = bool(cfg_adapt["conditional_detach_boxes"])
+    size_reweight = bool(cfg_adapt["size_reweight"])
     if kind == "mmd":
-        mmd_cfg = dict(cfg_adapt.get("mmd") or {})
-        return MMDAligner(token_pooling=pooling, multipliers=mmd_cfg.get("multipliers", DEFAULT_MULTIPLIERS),
-                          estimator=mmd_cfg.get("estimator", "unbiased"),
-                          conditional=cfg_adapt.get("conditional", "joint"), conditional_detach_boxes=detach,
+        mmd_cfg = cfg_adapt["mmd"]
+        return MMDAligner(token_pooling=pooling, multipliers=mmd_cfg["multipliers"], estimator=mmd_cfg["estimator"],
+                          conditional=cfg_adapt["conditional"], conditional_detach_boxes=detach,
                           size_reweight=size_reweight, box_jacobian=box_jacobian)
     if kind == "adversarial":
-        d = dict(cfg_adapt.get("discriminator") or {})
+        d = cfg_adapt["discriminator"]
         return AdversarialAligner(
-            token_dim, num_tokens, fused_dim, token_pooling=pooling, hidden=int(d.get("hidden", 256)),
-            dropout=float(d.get("dropout", 0.1)), parts=d.get("parts"),
-            grl_schedule=d.get("grl_schedule", "dann"), grl_gamma=float(d.get("grl_gamma", 10.0)),
-            grl_max_steps=int(d.get("grl_max_steps", 1000)), grl_max_coeff=float(d.get("grl_max_coeff", 1.0)),
+            token_dim, num_tokens, fused_dim, token_pooling=pooling, hidden=int(d["hidden"]),
+            dropout=float(d["dropout"]), parts=d["parts"],
+            grl_schedule=d["grl_schedule"], grl_gamma=float(d["grl_gamma"]),
+            grl_max_steps=int(d["grl_max_steps"]), grl_max_coeff=float(d["grl_max_coeff"]),
             conditional_detach_boxes=detach, size_reweight=size_reweight, box_jacobian=box_jacobian)
     raise ValueError(f"unknown adapt.aligner {kind!r}; choose one of {ALIGNER_KINDS}")
 

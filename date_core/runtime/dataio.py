@@ -272,12 +272,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     bare ``ray.init()`` would silently join whatever cluster last ran ``ray start`` here."""
     import os
 
+    from date_core.runtime.session import local_ray_options
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 **local_ray_options(num_cpus or os.cpu_count() or 2))
 
 
 def _finish(out: str, summary: RunSummary, *, tokenizer: str | None, vocab_size: int,

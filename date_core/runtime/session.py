@@ -48,9 +48,40 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
         return
     cpus = os.cpu_count() or 2
     runtime_env["worker_process_setup_hook"] = "date_core.runtime.session.quiet_local_worker"
+    # The one node of a local Ray is never drained: Ray Train's preemption watcher (an extra
+    # actor per run) has nothing to watch there.
+    runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": a fresh Ray for this job, never one some other process left running
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
-             object_store_memory=int((cfg or {}).get("runtime", {}).get("object_store_mb", 512)) * 1024 * 1024)
+             object_store_memory=int((cfg or {}).get("runtime", {}).get("object_store_mb", 512)) * 1024 * 1024,
+             **local_ray_options(cpus))
+
+
+def verbose() -> bool:
+    """Whether the stage runs with ``--verbose`` (:func:`date_core.cli.resolve` sets
+    ``DATE_VERBOSE=1``): Ray's own INFO lines and its core (C++) logs are then shown."""
+    return os.environ.get("DATE_VERBOSE") == "1"
+
+
+def local_ray_options(cpus: int) -> dict[str, Any]:
+    """``ray.init`` options of a local Ray started by a stage (and the process environment its
+    processes inherit), quiet unless :func:`verbose`.
+
+    - Ray turns token authentication on for a new local cluster and warns that it did (its
+      logger stays at ERROR unless verbose; the cluster is the same either way).
+    - A stage runs about ten Ray worker processes by design (Train controller and worker, two
+      data-stream coordinators, map and labelling actors): up to ``max(cpus, 8)`` may start at
+      once, which is also what the raylet's "N worker processes have been started" warning
+      measures against.
+    - Ray's core (C++) logs hold ERROR lines about its own actors' restart policies (Ray Data's
+      and Ray Train's), which a job can do nothing about: ``RAY_BACKEND_LOG_LEVEL=fatal`` on this
+      machine's Ray processes unless verbose.
+    """
+    if not verbose():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    return {"logging_level": logging.INFO if verbose() else logging.WARNING,
+            "_system_config": {"worker_maximum_startup_concurrency": max(int(cpus), 8)}}
 
 
 def _job_runtime_env() -> dict[str, Any]:

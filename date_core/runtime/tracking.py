@@ -22,12 +22,12 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from date_core.config import flatten
+from date_core.runtime.seeker_pyfunc import CHECKPOINT_KEY
 
 RUN_NAME_TAG = "date.run_name"
 STAGE_TAG = "date.stage"
 DEFAULT_DIR = Path("runs")
 MODEL_ARTIFACT = "model"
-CHECKPOINT_KEY = "checkpoint"
 _MAX_PARAM_LEN = 6000
 
 
@@ -126,18 +126,14 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
     _client(uri).set_terminated(run_id, status=status)
 
 
-class SeekerModel(mlflow.pyfunc.PythonModel):
-    """The seeker as an MLflow pyfunc: ``predict`` takes a DataFrame with a ``query`` column and
-    returns query embeddings; the checkpoint folder is the ``checkpoint`` artifact, which
-    ``pipelines/evaluate.py`` and :func:`date_core.load_seeker` use directly."""
+def _seeker_signature():
+    """The pyfunc's signature: a ``query`` column of strings in, ``[N, d]`` float32 out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    def load_context(self, context) -> None:  # pragma: no cover - exercised through mlflow
-        from date_core.inference import load_seeker
-
-        self.seeker = load_seeker(context.artifacts[CHECKPOINT_KEY])
-
-    def predict(self, context, model_input: pd.DataFrame, params=None):  # pragma: no cover
-        return self.seeker.encode_queries(list(model_input["query"])).numpy()
+    return ModelSignature(inputs=Schema([ColSpec("string", "query")]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
 
 
 def log_and_register(run_id: str, checkpoint_dir: str | Path, registered_model: str,
@@ -149,8 +145,9 @@ def log_and_register(run_id: str, checkpoint_dir: str | Path, registered_model: 
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=SeekerModel(),
-            artifacts={CHECKPOINT_KEY: str(checkpoint_dir)},
+            name=MODEL_ARTIFACT, python_model=str(Path(__file__).with_name("seeker_pyfunc.py")),
+            artifacts={CHECKPOINT_KEY: str(checkpoint_dir)}, signature=_seeker_signature(),
+            input_example=pd.DataFrame({"query": ["red running shoe"]}),
             # Explicit requirements: inferring them imports and inspects the whole environment.
             pip_requirements=["date-on-ray", "torch", "transformers", "tokenizers"],
         )
