@@ -147,8 +147,8 @@ def write_result(name: str, result: Mapping[str, Any], results_dir: str | Path |
         **dict(result),
     }
     path = out_dir / f"{name}.json"
-    # strict JSON: undefined metrics (NaN) are written as null, as date_core.metrics.metrics_json does
-    from date_core.metrics import json_safe
+    # strict JSON: undefined metrics (NaN) are written as null, as date_core.evaluation.metrics.metrics_json does
+    from date_core.evaluation.metrics import json_safe
 
     text = json.dumps(json_safe(json.loads(json.dumps(payload, default=_json_default))), indent=2, allow_nan=False)
     path.write_text(text + "\n", encoding="utf-8")

@@ -10,16 +10,16 @@ Every row trains the ``lite`` encoders (EfficientNet-Lite0 + MiniLM, frozen as t
 them) for the same number of optimiser steps at the same batch size, in process on the CPU:
 
 - ``dual_encoder``: :class:`date_core.model.dual.DualEncoder` (mean-pooled encoders, one linear
-  head each) with the retrieval term alone (:class:`~date_core.losses.ContrastiveCriterion`);
+  head each) with the retrieval term alone (:class:`~date_core.training.losses.ContrastiveCriterion`);
 - ``date``: the DATE model with its full criterion (retrieval on every pair, box terms on the
   single-product pairs that have a box);
 - ``date_capture``: ``--pretrain-share`` of the steps pretrain the DATE model with the
-  CAPTURE-style losses (:mod:`date_core.pretrain`), the rest train it as ``date``.
+  CAPTURE-style losses (:mod:`date_core.training.pretrain`), the rest train it as ``date``.
 
 All train on ``multi/train`` (multi-product images, captions) plus ``single/train``
 (single-product photos, titles), through ``engine.train_step`` (the step train.py's workers run)
 and the data layer's ``BatchTransform``. Each model then ranks ``single/gallery`` for every
-``multi/test`` query with :mod:`date_core.instance`; the scoring rule (caption weight, and for
+``multi/test`` query with :mod:`date_core.retrieval.instance`; the scoring rule (caption weight, and for
 DATE the pooled embedding or the best semantic token) is chosen per model on ``multi/val``.
 A random ranking is the floor. Writes ``bench/results/<name>.json`` as
 ``{"rows": {row: {"mAP@10": [per seed], ...}}}`` (``mAP@N`` etc. are the official script's
@@ -39,14 +39,14 @@ import torch
 
 from _common import hardware_string, markdown_table, today, write_result
 
-from date_core import instance as inst
+from date_core.retrieval import instance as inst
 from date_core.data import io
-from date_core.engine import build_optimizer, build_scheduler, train_step
-from date_core.losses import ContrastiveCriterion, DateCriterion
-from date_core.metrics_instance import INSTANCE_NS, instance_retrieval_metrics
+from date_core.training.engine import build_optimizer, build_scheduler, train_step
+from date_core.training.losses import ContrastiveCriterion, DateCriterion
+from date_core.evaluation.metrics_instance import INSTANCE_NS, instance_retrieval_metrics
 from date_core.model import build_model, pretrained_tokenizer_dir, resolve_model_config
 from date_core.model.dual import DualEncoder
-from date_core.pretrain import pretrain_loop
+from date_core.training.pretrain import pretrain_loop
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def train(model: torch.nn.Module, criterion, data, steps: int, args, seed: int) 
 
 
 def pretrain(model: torch.nn.Module, data, steps: int, args, seed: int, tok) -> float:
-    """``steps`` CAPTURE-style pretraining steps (:mod:`date_core.pretrain`, the packaged
+    """``steps`` CAPTURE-style pretraining steps (:mod:`date_core.training.pretrain`, the packaged
     ``pretrain:`` loss weights) at the same learning rate and batch size -> seconds."""
 
     rng = np.random.default_rng(seed)

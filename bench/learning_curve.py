@@ -31,8 +31,8 @@ from _common import hardware_string, markdown_table, write_result
 from date_core import build_model
 from date_core.adapt import adaptation_step, zoom_settings
 from date_core.config import default_config
-from date_core.engine import PRECISIONS, autocast_dtype, build_optimizer, build_scheduler, evaluate
-from date_core.losses import DateCriterion
+from date_core.training.engine import PRECISIONS, autocast_dtype, build_optimizer, build_scheduler, evaluate
+from date_core.training.losses import DateCriterion
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -75,14 +75,14 @@ def measure_one(preset: str, overrides: dict, batch_size: int, device: str, dtyp
     """One configuration in this process -> samples/s, step time, FLOPs per step, peak memory.
 
     ``bare``: the baseline loop (forward, loss, backward, AdamW step written out by hand) instead
-    of :func:`date_core.engine.train_step`, to show what the engine's bookkeeping costs.
+    of :func:`date_core.training.engine.train_step`, to show what the engine's bookkeeping costs.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from date_core import build_model
-    from date_core.engine import build_optimizer, train_step
-    from date_core.losses import DateCriterion
+    from date_core.training.engine import build_optimizer, train_step
+    from date_core.training.losses import DateCriterion
 
     idle_rss = _rss_mib()
     torch.manual_seed(0)

@@ -58,8 +58,8 @@ from date_core.adapt import (EMATeacher, adaptation_step, attach_pseudo_boxes, b
 from date_core.config import default_config  # noqa: E402
 from date_core.data.io import to_numpy_batch  # noqa: E402
 from date_core.data.transforms import BatchTransform  # noqa: E402
-from date_core.engine import autocast_dtype, build_optimizer, build_scheduler, evaluate  # noqa: E402
-from date_core.losses import active_alignment_terms, build_criterion  # noqa: E402
+from date_core.training.engine import autocast_dtype, build_optimizer, build_scheduler, evaluate  # noqa: E402
+from date_core.training.losses import active_alignment_terms, build_criterion  # noqa: E402
 from date_core.model import pretrained_tokenizer_dir, resolve_model_config  # noqa: E402
 from date_core.text import load_tokenizer, train_wordpiece  # noqa: E402
 

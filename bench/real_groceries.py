@@ -40,10 +40,10 @@ from date_core import batch as B
 from date_core import build_model
 from date_core.data.io import read_table
 from date_core.data.transforms import BatchTransform
-from date_core.engine import build_optimizer, build_scheduler, evaluate, train_step
-from date_core.losses import build_criterion
+from date_core.training.engine import build_optimizer, build_scheduler, evaluate, train_step
+from date_core.training.losses import build_criterion
 from date_core.config import default_config
-from date_core.metrics import grounding_metrics, retrieval_metrics
+from date_core.evaluation.metrics import grounding_metrics, retrieval_metrics
 from date_core.text import load_tokenizer
 
 

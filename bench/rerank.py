@@ -1,9 +1,9 @@
 """Does re-ranking by grounding confidence help retrieval? (DATE's cooperative seekers)
 
 For each benchmark, a trained seeker indexes the evaluation images with the index pipeline's
-own embedding function (``date_core.indexing.embed_source``, no Ray needed), every pair of the
+own embedding function (``date_core.retrieval.indexing.embed_source``, no Ray needed), every pair of the
 evaluation split is a query, each query's top-``candidates`` are retrieved and grounded once
-(``date_core.seek.rerank_recall``), and each re-ranking weight re-orders them:
+(``date_core.retrieval.seek.rerank_recall``), and each re-ranking weight re-orders them:
 score = similarity + weight x grounding confidence; weight 0 is retrieval alone.
 
     python bench/rerank.py \\
@@ -35,9 +35,9 @@ def run_bench(name: str, model: str, data: str, datasets: list[tuple[str, str]],
     import torch
 
     from date_core.data.io import read_table
-    from date_core.indexing import embed_source, index_from_table, model_fingerprint, source_files
+    from date_core.retrieval.indexing import embed_source, index_from_table, model_fingerprint, source_files
     from date_core.inference import load_seeker
-    from date_core.seek import rerank_recall
+    from date_core.retrieval.seek import rerank_recall
 
     torch.set_num_threads(threads)
     seeker = load_seeker(model, batch_size=64)

@@ -3,8 +3,8 @@
 Compares, in one run, each in its own process (so that peak memory is each method's own):
 
   numpy      plain brute force: the whole score matrix, argpartition, sort of the k (baseline)
-  exact      date_core.search.exact_search: score blocks of bounded size, top-k merged per block
-  hnsw, ivf  date_core.search.ApproxIndex (FAISS) at its default effort, recall@10 vs exact
+  exact      date_core.retrieval.search.exact_search: score blocks of bounded size, top-k merged per block
+  hnsw, ivf  date_core.retrieval.search.ApproxIndex (FAISS) at its default effort, recall@10 vs exact
 
 on two galleries of unit vectors (dimension 256, the `lite` preset's):
 
@@ -102,19 +102,19 @@ def worker(method: str, folder: Path, k: int, threads: int, latency_queries: int
     base_rss = _rss_mib()
     out: dict = {"method": method, "load_avg_start": os.getloadavg()[0]}
     if method == "numpy":
-        from date_core.search import brute_force as run
+        from date_core.retrieval.search import brute_force as run
 
         def run_batch(q):
             return run(q, gallery, k)
     else:
         torch.set_num_threads(threads)
         if method == "exact":
-            from date_core.search import exact_search
+            from date_core.retrieval.search import exact_search
 
             def run_batch(q):
                 return exact_search(q, gallery, k, device="cpu")
         else:
-            from date_core.search import ApproxIndex
+            from date_core.retrieval.search import ApproxIndex
 
             start = time.perf_counter()
             index = ApproxIndex.build(gallery, method, threads=threads)
@@ -160,7 +160,7 @@ def run_method(method: str, folder: Path, args) -> dict:
 
 
 def bench_gallery(kind: str, args) -> dict:
-    from date_core.search import recall_at_k, same_results
+    from date_core.retrieval.search import recall_at_k, same_results
 
     with tempfile.TemporaryDirectory(prefix="date-bench-search-") as tmp:
         folder = Path(tmp)
@@ -191,7 +191,7 @@ def bench_gallery(kind: str, args) -> dict:
 
 def index_build(args) -> dict:
     """pipelines/index.py's images/s against a plain single-process PyTorch loop, same images."""
-    from date_core.indexing import embed_source, model_fingerprint, source_files
+    from date_core.retrieval.indexing import embed_source, model_fingerprint, source_files
     from date_core.inference import load_seeker
 
     import torch

@@ -36,8 +36,8 @@ def plain(root: Path, steps: int, batch_size: int, threads: int) -> dict:
     from date_core import build_model
     from date_core.data import io
     from date_core.data.transforms import BatchTransform
-    from date_core.engine import build_optimizer, build_scheduler, train_step
-    from date_core.losses import build_criterion
+    from date_core.training.engine import build_optimizer, build_scheduler, train_step
+    from date_core.training.losses import build_criterion
     from date_core.text import load_tokenizer
 
     torch.set_num_threads(threads)

@@ -27,7 +27,7 @@ from . import __version__
 from .imaging import letterbox_cxcywh_to_xyxy_pixels, preprocess_pil
 from .model import DateModel, ModelConfig, unwrap
 from .model.seekers import rerank_by_grounding
-from .search import exact_search
+from date_core.retrieval.search import exact_search
 from .text import load_tokenizer, tokenize
 
 FORMAT = "date-seeker"
@@ -181,7 +181,7 @@ class Seeker:
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
     def search(self, query_embeddings, gallery_embeddings, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k gallery rows per query (:func:`date_core.search.exact_search`) ->
+        """Exact top-k gallery rows per query (:func:`date_core.retrieval.search.exact_search`) ->
         (float32 ``[Q, k]`` cosine scores, int64 ``[Q, k]`` indices)."""
         return exact_search(np.asarray(query_embeddings, np.float32), np.asarray(gallery_embeddings, np.float32), k,
                             device=self.device)

@@ -14,7 +14,7 @@ runs/mlflow.db). The JSON holds <domain>_<split>/pr/R@1, R@5, R@10, mAP@10 and
 (``prepare.py synth --instance`` / ``voc --instance``): each multi/test query (image + caption)
 ranks single/gallery; the JSON holds Product1M's mAP/Prec/mAR@10/50/100, official and textbook
 (inst/official/..., inst/textbook/...), and the scoring rule, chosen on multi/val unless
---text-weight and --image-pool are given (see date_core/instance.py).
+--text-weight and --image-pool are given (see date_core/retrieval/instance.py).
 
   python pipelines/evaluate.py --instance --model runs/models/seeker/model --data runs/data/pw-instance --out inst.json
 """
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.domain:
         parser.error("--domain is required (or --instance)")
 
-    from date_core.metrics import metrics_json
+    from date_core.evaluation.metrics import metrics_json
     from date_core.runtime.tracking import evaluate_model
 
     print(f"[evaluate] {args.model} on {args.data} {args.domain}/{args.split}", flush=True)
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _instance(args: argparse.Namespace) -> int:
     from date_core.data.schema import DataError
-    from date_core.instance import evaluate_checkpoint
-    from date_core.metrics import metrics_json
+    from date_core.retrieval.instance import evaluate_checkpoint
+    from date_core.evaluation.metrics import metrics_json
     from date_core.runtime.tracking import local_checkpoint
 
     print(f"[evaluate] instance retrieval: {args.model} on {args.data} multi/{args.split} vs single/gallery", flush=True)

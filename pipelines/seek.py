@@ -21,7 +21,7 @@ from date_core import cli  # noqa: F401  (the offline environment, set on import
 
 
 def main(argv: list[str] | None = None) -> int:
-    from date_core.seek import DEFAULT_RERANK_WEIGHT
+    from date_core.retrieval.seek import DEFAULT_RERANK_WEIGHT
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("queries", nargs="+", metavar="QUERY", help="product descriptions to seek")
@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = parser.parse_args(argv)
 
-    from date_core.contact_sheet import write_html, write_png
-    from date_core.indexing import load_index, model_fingerprint
+    from date_core.retrieval.contact_sheet import write_html, write_png
+    from date_core.retrieval.indexing import load_index, model_fingerprint
     from date_core.inference import load_seeker
     from date_core.runtime.tracking import local_checkpoint
-    from date_core.seek import seek
+    from date_core.retrieval.seek import seek
 
     try:
         index = load_index(args.index)

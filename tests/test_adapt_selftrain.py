@@ -10,8 +10,8 @@ from date_core import batch as B
 from date_core import build_model
 from date_core.adapt import (EMATeacher, adaptation_step, build_views, concat_predictions, ema_decay_for,
                              label_target_set, predict_views, round_loss_weights, select_round, swap_partners)
-from date_core.engine import build_optimizer
-from date_core.losses import DateCriterion
+from date_core.training.engine import build_optimizer
+from date_core.training.losses import DateCriterion
 
 
 def _tiny_batch(n: int = 6, seed: int = 0, with_boxes: bool = True) -> dict:

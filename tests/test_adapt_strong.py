@@ -42,7 +42,7 @@ def test_adaptation_step_augments_only_the_target_batch(monkeypatch):
         seen["source"], seen["target"] = batch[B.PIXEL_VALUES], target_batch[B.PIXEL_VALUES]
         return {"stepped": False}
 
-    monkeypatch.setattr("date_core.engine.train_step", fake_train_step)
+    monkeypatch.setattr("date_core.training.engine.train_step", fake_train_step)
     src = {B.PIXEL_VALUES: _pixels(), B.BOXES: torch.rand(16, 4)}
     tgt = {B.PIXEL_VALUES: _pixels().numpy(), B.BOXES: np.random.rand(16, 4).astype(np.float32)}
     selftrain.adaptation_step(None, None, src, None, target_batch=tgt, strong_aug=True)

@@ -11,9 +11,9 @@ import torch
 
 from date_core import batch as B
 from date_core import build_model
-from date_core.engine import (autocast_dtype, build_optimizer, build_scheduler, cpu_has_native_bf16, evaluate, fit,
+from date_core.training.engine import (autocast_dtype, build_optimizer, build_scheduler, cpu_has_native_bf16, evaluate, fit,
                               train_step)
-from date_core.losses import DateCriterion
+from date_core.training.losses import DateCriterion
 
 from _model_synth import overfit_pairs, random_scene_rows, rows_to_batch, tokenizer_for
 

@@ -26,7 +26,7 @@ def small_model(pw_dataset, tmp_path_factory) -> Path:
     import date_core
     from date_core.data.io import iter_numpy_batches, read_table
     from date_core.data.transforms import BatchTransform
-    from date_core.engine import fit
+    from date_core.training.engine import fit
     from date_core.inference import save_checkpoint
     from date_core.text import load_tokenizer
 
@@ -54,7 +54,7 @@ def built_index(ray_module, small_model, pw_dataset, tmp_path_factory):
 
 def test_index_writes_shards_and_manifest(built_index, pw_dataset, small_model):
     from date_core.data.io import list_datasets, read_table
-    from date_core.indexing import load_index, model_fingerprint
+    from date_core.retrieval.indexing import load_index, model_fingerprint
 
     manifest = json.loads((built_index / "index.json").read_text())
     datasets = list_datasets(str(pw_dataset))
@@ -101,8 +101,8 @@ def test_index_refuses_a_folder_without_a_dataset(ray_module, small_model, tmp_p
 
 
 def test_search_on_the_index_equals_brute_force(built_index):
-    from date_core.indexing import load_index
-    from date_core.search import brute_force, same_results
+    from date_core.retrieval.indexing import load_index
+    from date_core.retrieval.search import brute_force, same_results
 
     index = load_index(str(built_index))
     queries = index.embeddings[::7] + 0.01
@@ -123,7 +123,7 @@ def _chromium() -> str | None:
 
 def test_seek_prints_hits_and_writes_a_contact_sheet(built_index, small_model, pw_dataset, tmp_path, capsys):
     from date_pipelines import seek as seek_cli
-    from date_core.contact_sheet import BOX_COLOUR, sheet_size
+    from date_core.retrieval.contact_sheet import BOX_COLOUR, sheet_size
     from date_core.data.io import read_table
 
     queries = read_table(str(pw_dataset), "mall", "test", ["query"]).column("query").to_pylist()[:2]
@@ -139,7 +139,7 @@ def test_seek_prints_hits_and_writes_a_contact_sheet(built_index, small_model, p
     # the PNG: the documented size, and the box colour drawn in every hit's thumbnail
     png = Image.open(out / "contact_sheet.png")
     assert png.format == "PNG" and png.size == sheet_size(2, 3)
-    from date_core.contact_sheet import CAPTION_H, LABEL_W, THUMB
+    from date_core.retrieval.contact_sheet import CAPTION_H, LABEL_W, THUMB
 
     px = np.asarray(png.convert("RGB"))
     for q in range(2):
@@ -181,9 +181,9 @@ def test_seek_refuses_another_models_index(built_index, tmp_path, small_model, c
 
 def test_rerank_recall_weight_zero_is_retrieval_alone(built_index, small_model, pw_dataset):
     from date_core.data.io import read_table
-    from date_core.indexing import load_index
+    from date_core.retrieval.indexing import load_index
     from date_core.inference import load_seeker
-    from date_core.seek import rerank_recall, seek
+    from date_core.retrieval.seek import rerank_recall, seek
 
     index = load_index(str(built_index))
     seeker = load_seeker(small_model)

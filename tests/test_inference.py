@@ -17,8 +17,8 @@ from _model_synth import make_scene, overfit_pairs, rows_to_batch, tokenizer_for
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model briefly trained on drawn scenes, saved with its tokenizer."""
-    from date_core.engine import build_optimizer, train_step
-    from date_core.losses import DateCriterion
+    from date_core.training.engine import build_optimizer, train_step
+    from date_core.training.losses import DateCriterion
 
     torch.manual_seed(0)
     rows = overfit_pairs(n_images=8, seed=2)

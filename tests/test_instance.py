@@ -1,4 +1,4 @@
-"""Instance-level retrieval scoring (date_core.instance) and the plain dual encoder baseline."""
+"""Instance-level retrieval scoring (date_core.retrieval.instance) and the plain dual encoder baseline."""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from date_core import batch as B
-from date_core.instance import (QueryFeatures, choose_text_weight, encode_gallery, encode_queries, evaluate,
+from date_core.retrieval.instance import (QueryFeatures, choose_text_weight, encode_gallery, encode_queries, evaluate,
                                 instance_scores, labels, random_ranking, rank)
-from date_core.losses import ContrastiveCriterion, DateCriterion
+from date_core.training.losses import ContrastiveCriterion, DateCriterion
 from date_core.model import build_model, resolve_model_config
 from date_core.model.dual import DualEncoder
 
@@ -93,7 +93,7 @@ def test_models_encode_both_sides(kind):
 
 
 def test_dual_encoder_trains_with_the_contrastive_criterion_alone():
-    from date_core.engine import build_optimizer, train_step
+    from date_core.training.engine import build_optimizer, train_step
 
     torch.manual_seed(0)
     cfg = resolve_model_config("tiny", vocab_size=50, max_text_len=6)

@@ -1,6 +1,6 @@
 """The library's import graph has no cycles: no two modules of ``date_core`` import each other,
 directly or through others (imports inside functions count; a module importing the package it
-lives in does not)."""
+lives in does not), and only the runtime imports ray or mlflow."""
 from __future__ import annotations
 
 import ast
@@ -73,3 +73,17 @@ def test_no_import_cycles_in_the_library():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_only_the_runtime_imports_ray_or_mlflow():
+    """The library runs without a cluster: ray and mlflow are imported (at any depth) only in
+    ``date_core/runtime/``."""
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith("date_core.runtime"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{name}: {m}" for m in mods if m.split(".")[0] in ("ray", "mlflow")]
+    assert offenders == []

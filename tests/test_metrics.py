@@ -9,7 +9,7 @@ import torch
 
 from date_core.boxes import (box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh)
 from date_core.imaging import Letterbox, letterbox_cxcywh_to_xyxy_pixels, xyxy_pixels_to_letterbox_cxcywh
-from date_core.metrics import (METRIC_NAMES, dedupe_gallery, grounding_metrics, prefixed,
+from date_core.evaluation.metrics import (METRIC_NAMES, dedupe_gallery, grounding_metrics, prefixed,
                                retrieval_metrics, topk_relevance)
 
 # gallery = unit vectors, so a query vector *is* its score list over the gallery

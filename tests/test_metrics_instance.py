@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from date_core.metrics import retrieval_metrics
-from date_core.metrics_instance import (INSTANCE_NAMES, encode_labels, instance_retrieval_metrics,
+from date_core.evaluation.metrics import retrieval_metrics
+from date_core.evaluation.metrics_instance import (INSTANCE_NAMES, encode_labels, instance_retrieval_metrics,
                                         official_scores, textbook_scores)
 
 # gallery index -> label: three A, one each of B, C, D

@@ -15,7 +15,7 @@ import date_core
 from date_core.data.io import write_table
 from date_core.data.schema import PAIR_SCHEMA
 from date_core.inference import save_checkpoint
-from date_core.metrics import PG_NAMES, json_safe, metrics_json
+from date_core.evaluation.metrics import PG_NAMES, json_safe, metrics_json
 from date_core.text import train_wordpiece
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from date_core import batch as B
 from date_core.config import default_config
-from date_core.losses import LOSS_NAMES, DateCriterion, focus_targets, gather_with_local_grad, info_nce
+from date_core.training.losses import LOSS_NAMES, DateCriterion, focus_targets, gather_with_local_grad, info_nce
 
 
 def _pairs(n=6, dim=8, seed=0):

@@ -8,8 +8,8 @@ import time
 import torch
 
 from date_core import build_model
-from date_core.engine import build_optimizer, build_scheduler, evaluate, train_step
-from date_core.losses import DateCriterion
+from date_core.training.engine import build_optimizer, build_scheduler, evaluate, train_step
+from date_core.training.losses import DateCriterion
 
 from _model_synth import overfit_pairs, rows_to_batch, tokenizer_for
 

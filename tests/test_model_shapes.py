@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from date_core import build_model
-from date_core.losses import DateCriterion
+from date_core.training.losses import DateCriterion
 from date_core.model import ModelConfig, load_preset, resolve_model_config
 
 from _model_synth import overfit_pairs, rows_to_batch, tokenizer_for

@@ -14,8 +14,8 @@ import torch
 
 from date_core import batch as B
 from date_core import build_model
-from date_core.engine import build_optimizer
-from date_core.pretrain import (IGNORE, CaptureCriterion, TokenSpec, build_pretrainer, mask_patches, mask_tokens,
+from date_core.training.engine import build_optimizer
+from date_core.training.pretrain import (IGNORE, CaptureCriterion, TokenSpec, build_pretrainer, mask_patches, mask_tokens,
                                 pretrain_loop, pretrain_step)
 
 from _model_synth import overfit_pairs, rows_to_batch, tokenizer_for

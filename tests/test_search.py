@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from date_core.search import (ApproxIndex, brute_force, default_nlist, exact_search, recall_at_k, same_results,
+from date_core.retrieval.search import (ApproxIndex, brute_force, default_nlist, exact_search, recall_at_k, same_results,
                               unique_rows)
 
 

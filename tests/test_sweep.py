@@ -16,7 +16,7 @@ import yaml
 from date_core.config import resolve_config
 from date_core.config_schema import ConfigError
 from date_core.runtime.space import load_space, trial_config
-from date_core.selection import spearman
+from date_core.evaluation.selection import spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_SPACE = ROOT / "tune_spaces" / "ci.yaml"

@@ -211,7 +211,7 @@ def round_loss_weights(weights: Mapping[str, Any], cfg_adapt: Mapping[str, Any],
     With ``align_until_round: 1`` only the labelling teacher is aligned and the later rounds
     train on its labels without alignment (docs/experiments.md compares the three). The
     defaults (0 and null) align in every round."""
-    from ..losses import ALIGNMENT_TERMS
+    from date_core.training.losses import ALIGNMENT_TERMS
 
     start = int(cfg_adapt.get("align_from_round", 0) or 0)
     if start < 0:
@@ -295,7 +295,7 @@ def adaptation_step(student: nn.Module, criterion, source_batch: Mapping[str, An
     ``box_weight``); ``aligner`` adds the alignment terms, its GRL warm-up pinned to
     ``progress`` = optimiser steps done / total (so it follows the run's length whatever the
     gradient accumulation); after an optimiser step the ``teacher`` follows the student.
-    ``train_kwargs`` go to :func:`date_core.engine.train_step` (``grad_accum``, ``micro_step``,
+    ``train_kwargs`` go to :func:`date_core.training.engine.train_step` (``grad_accum``, ``micro_step``,
     ``device``, ``autocast_dtype``, ``max_grad_norm``), except ``zoom_out`` ({"range": [lo, hi],
     "prob": p} or None, from :func:`zoom_settings`): the scale augmentation of
     :func:`~date_core.adapt.views.random_zoom_out` on both batches, and ``strong_aug`` (bool,
@@ -303,7 +303,7 @@ def adaptation_step(student: nn.Module, criterion, source_batch: Mapping[str, An
     pixels, the student's strong view of what the teacher labelled. Returns the step's logs
     (+ ``grl_coeff``).
     """
-    from ..engine import train_step
+    from date_core.training.engine import train_step
     from .views import random_zoom_out
 
     zoom = train_kwargs.pop("zoom_out", None)

@@ -37,7 +37,7 @@ PAIR_COLUMNS: tuple[str, ...] = tuple(PAIR_SCHEMA.names)
 #: The instance labels of a multi-product query: the products its image shows (Product1M's
 #: ``#;#`` label field, "brand + product name" strings), in the source's order with repeats
 #: kept (a set holding two of a product lists it twice; Product1M's official mAR weights each
-#: label by how often it is listed, see :mod:`date_core.metrics_instance`). Null when the
+#: label by how often it is listed, see :mod:`date_core.evaluation.metrics_instance`). Null when the
 #: source has none. Relevance for instance-level retrieval: a gallery item is relevant to a
 #: query when its label is one of these.
 INSTANCE_IDS_TYPE = pa.list_(pa.string())

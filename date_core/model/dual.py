@@ -2,7 +2,7 @@
 
 The baseline against which DATE's semantic aggregators and seekers are measured (CLIP's recipe
 on the same backbones): no semantic tokens, no grounding head, trained with the retrieval term
-alone (:class:`date_core.losses.ContrastiveCriterion` through the same ``engine.train_step``).
+alone (:class:`date_core.training.losses.ContrastiveCriterion` through the same ``engine.train_step``).
 
 Forward contract (the subset of :class:`~date_core.model.DateModel`'s that retrieval reads)::
 

@@ -8,7 +8,7 @@ one per CPU slot, each embedding whole dataset files into index shards.
       -> write_manifest (from the shards' footers)
 
 A shard is the unit of resumption: a re-run embeds only files whose shard is missing or was
-written by another model (:func:`date_core.indexing.pending_sources`).
+written by another model (:func:`date_core.retrieval.indexing.pending_sources`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from date_core import indexing
+from date_core.retrieval import indexing
 from date_core.data import storage
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from date_core.data import storage
-from date_core.evaluation import evaluate_split
-from date_core.metrics import metrics_json
+from date_core.evaluation.evaluate import evaluate_split
+from date_core.evaluation.metrics import metrics_json
 from date_core.runtime import session, tracking
 from date_core.runtime.dataset import ensure_dataset
 from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target, pseudo_table, read_pseudo, target_with_pseudo
@@ -68,7 +68,7 @@ def _round_cfg(cfg: Mapping[str, Any], r: int) -> dict[str, Any]:
 
 def alignment_terms(cfg: Mapping[str, Any]) -> list[str]:
     """The alignment loss terms that actually run (non-zero weight)."""
-    from date_core.losses import active_alignment_terms
+    from date_core.training.losses import active_alignment_terms
 
     return active_alignment_terms(cfg["loss"])
 

@@ -1,4 +1,4 @@
-"""CAPTURE-style pretraining (:mod:`date_core.pretrain`) as a Ray Train stage, driver and worker.
+"""CAPTURE-style pretraining (:mod:`date_core.training.pretrain`) as a Ray Train stage, driver and worker.
 
 Recipe, as :mod:`date_core.runtime.trainer` and :mod:`date_core.runtime.supervised` do it for
 supervised training::
@@ -67,7 +67,7 @@ def _save(tmp: str, pretrainer, optimizer, scheduler, tokenizer, state: dict, me
     from safetensors.torch import save_file
 
     from date_core.inference import save_checkpoint
-    from date_core.pretrain import HEADS_FILE
+    from date_core.training.pretrain import HEADS_FILE
 
     inner = getattr(pretrainer, "module", pretrainer)
     folder = Path(tmp) / MODEL_DIR
@@ -91,9 +91,9 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     ``tokenizer`` (folder), ``vocab_size``, ``counts``, ``mlflow`` ({uri, run_id} or None)."""
     from safetensors.torch import load_file
 
-    from date_core.engine import build_optimizer, schedule_from_config
+    from date_core.training.engine import build_optimizer, schedule_from_config
     from date_core.inference import load_model
-    from date_core.pretrain import HEADS_FILE, build_pretrainer, pretrain_step, pretrain_train_config
+    from date_core.training.pretrain import HEADS_FILE, build_pretrainer, pretrain_step, pretrain_train_config
     from date_core.text import load_tokenizer
 
     cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]

@@ -59,7 +59,7 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
 
 def verbose() -> bool:
     """Whether the stage runs with ``--verbose`` (:func:`date_core.cli.resolve` sets
-    ``DATE_VERBOSE=1``): Ray's own INFO lines and its core (C++) logs are then shown."""
+    ``DATE_VERBOSE=1``): Ray's own INFO lines and its notes are then shown."""
     return os.environ.get("DATE_VERBOSE") == "1"
 
 
@@ -73,13 +73,9 @@ def local_ray_options(cpus: int) -> dict[str, Any]:
       data-stream coordinators, map and labelling actors): up to ``max(cpus, 8)`` may start at
       once, which is also what the raylet's "N worker processes have been started" warning
       measures against.
-    - Ray's core (C++) logs hold ERROR lines about its own actors' restart policies (Ray Data's
-      and Ray Train's), which a job can do nothing about: ``RAY_BACKEND_LOG_LEVEL=fatal`` on this
-      machine's Ray processes unless verbose.
     """
     if not verbose():
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     return {"logging_level": logging.INFO if verbose() else logging.WARNING,
             "_system_config": {"worker_maximum_startup_concurrency": max(int(cpus), 8)}}
 

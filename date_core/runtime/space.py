@@ -33,7 +33,7 @@ import numpy as np
 
 from date_core.config import load_yaml, set_value
 from date_core.config_schema import ConfigError, Key, Section, check, lookup
-from date_core.metrics import METRIC_NAMES
+from date_core.evaluation.metrics import METRIC_NAMES
 
 #: distribution name -> what its argument is
 DISTRIBUTIONS = {"loguniform": "[low, high], low > 0", "uniform": "[low, high]", "randint": "[low, high) integers",

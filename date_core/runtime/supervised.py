@@ -12,8 +12,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from date_core.evaluation import evaluate_split, samples_in_pixels
-from date_core.report import prediction_grid, recall_plot
+from date_core.evaluation.evaluate import evaluate_split, samples_in_pixels
+from date_core.evaluation.figures import prediction_grid, recall_plot
 from date_core.runtime import session, tracking
 from date_core.runtime.budget import reserve_streams
 from date_core.runtime.trainer import (build_trainer, checkpoint_model_dir, checkpoint_step as metrics_step, data_streams,

@@ -11,7 +11,7 @@ trainer is never handed to the Tuner itself)::
       ASHA (time attribute = round) stops weak trials after a round
     end: best config -> YAML that pipelines/pgda.py --config runs; proxy-vs-labelled Spearman
 
-Every trial reports both selection criteria each round (:mod:`date_core.selection`);
+Every trial reports both selection criteria each round (:mod:`date_core.evaluation.selection`);
 ``select_by`` picks which one Tune ranks by. Re-running a sweep with the same name restores it
 (``Tuner.restore``): finished trials stay, unfinished ones continue from their last finished
 round (their ``pgda_state.json``; the small Tune checkpoint says which rounds Tune has seen).
@@ -31,7 +31,7 @@ import yaml
 from date_core.data import storage
 from date_core.runtime import tracking
 from date_core.runtime.space import Space, param_space, trial_config
-from date_core.selection import PROXY, TARGET_VAL, spearman
+from date_core.evaluation.selection import PROXY, TARGET_VAL, spearman
 
 SELECT_BY = (TARGET_VAL, PROXY)
 PROXY_METRIC = f"{PROXY}/reliability"
@@ -142,7 +142,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: dict[str, str
     import ray.tune
 
     from date_core.runtime.pgda import load_state, run_pgda
-    from date_core.selection import selection_metrics
+    from date_core.evaluation.selection import selection_metrics
 
     os.environ["MLFLOW_TRACKING_URI"] = sweep["tracking_uri"]  # the driver's server, in this actor too
     name = trial_name(sweep["name"], ray.tune.get_context().get_trial_id())

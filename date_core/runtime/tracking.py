@@ -247,12 +247,12 @@ def evaluate_model(model_uri: str, data: str, domain: str, split: str, *, batch_
     """
     import json
 
-    from date_core.evaluation import evaluate_split, samples_in_pixels
+    from date_core.evaluation.evaluate import evaluate_split, samples_in_pixels
 
     with local_checkpoint(model_uri) as model_dir:
         ev = evaluate_split(model_dir, data, domain, split, batch_size=batch_size, limit=limit, device=device)
         if png:
-            from date_core.report import prediction_grid
+            from date_core.evaluation.figures import prediction_grid
 
             size = json.loads((model_dir / "config.json").read_text())["model"]["image_size"]
             prediction_grid(*samples_in_pixels(ev, size), png)

@@ -30,7 +30,7 @@ from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, 
 from ray.train.torch import TorchTrainer
 
 from date_core.data import storage
-from date_core.engine import autocast_dtype
+from date_core.training.engine import autocast_dtype
 from date_core.runtime.budget import StreamBudgets
 from date_core.runtime.dataio import count_rows, read_pairs, to_model_batches
 from date_core.runtime.scratch import scratch_dir
@@ -124,7 +124,7 @@ def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, st
 
 def worker_setup(tcfg: Mapping[str, Any], rcfg: Mapping[str, Any]) -> tuple[int, int, torch.device, Any]:
     """A Ray Train worker's start: quiet report logs, torch threads, a per-rank seed ->
-    (rank, world size, device, autocast dtype of ``train.precision``: :func:`~date_core.engine.autocast_dtype`)."""
+    (rank, world size, device, autocast dtype of ``train.precision``: :func:`~date_core.training.engine.autocast_dtype`)."""
     _quiet_report_log(str(rcfg.get("train_log_level", "WARNING")))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -141,9 +141,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     model, see :func:`init_model`), ``tag``
     (metric prefix of the validation split, e.g. ``mall_val``)."""
     from date_core.adapt import EMATeacher, adaptation_step, ema_decay_for, zoom_settings
-    from date_core.engine import build_optimizer, evaluate, schedule_from_config
+    from date_core.training.engine import build_optimizer, evaluate, schedule_from_config
     from date_core.inference import load_model
-    from date_core.losses import build_criterion
+    from date_core.training.losses import build_criterion
     from date_core.text import load_tokenizer
 
     cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]

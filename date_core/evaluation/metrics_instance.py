@@ -6,7 +6,7 @@ means two of them in the set). A *gallery item* is a single-product sample with 
 (Product1M's gallery lines carry a label list; the official script takes its first label,
 and so should the caller). A gallery item is relevant to a query when its label is one of the
 query's labels. Each query's ranking is given as gallery indices, best first (e.g. the ids of
-``date_core.search.exact_search``); ties are the ranker's business.
+``date_core.retrieval.search.exact_search``); ties are the ranker's business.
 
 Names (for N in :data:`INSTANCE_NS` = 10, 50, 100): ``inst/official/{mAP,Prec,mAR}@N`` and
 ``inst/textbook/{mAP,Prec,mAR}@N``, plus counts ``inst/n_queries``, ``inst/n_gallery``,
@@ -32,12 +32,12 @@ in ``L``, ``g_l`` the gallery items labelled ``l``, and ``R`` the ranking's leng
   ``e_l`` is 0 (``|L| > N``) scores 0 on ``mAR@N`` only (AP and Prec were already added).
   Means are over *all* queries.
 
-**Textbook** (the definitions of ``date_core.metrics``' ``pr/mAP@10``): relevant items are the
+**Textbook** (the definitions of ``date_core.evaluation.metrics``' ``pr/mAP@10``): relevant items are the
 gallery items whose label is in ``U`` (each once), ``n = sum_{l in U} g_l``; a query with
 ``n = 0`` is left out (and counted in ``inst/n_queries_without_relevant``), labels missing from
 the gallery simply contribute no relevant item:
 
-- ``mAP@N``: ``AP@N = sum_{i<=N} P@i * rel_i / min(n, N)`` (:func:`~date_core.metrics.average_precision_at_k`);
+- ``mAP@N``: ``AP@N = sum_{i<=N} P@i * rel_i / min(n, N)`` (:func:`~date_core.evaluation.metrics.average_precision_at_k`);
 - ``Prec@N = hits_N / N``;
 - ``mAR@N``: the mean over queries of ``Recall@N = hits_N / n``.
 
@@ -55,7 +55,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .metrics import _t, average_precision_at_k
+from date_core.evaluation.metrics import _t, average_precision_at_k
 
 INSTANCE_NS = (10, 50, 100)
 DEFINITIONS = ("official", "textbook")

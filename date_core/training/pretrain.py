@@ -11,7 +11,7 @@ image-caption pairs alone (no boxes): three named loss terms, weighted like the 
   image, marked where blanked and given their grid position, cross-attend to the caption and
   then to each other, and regress the stop-gradient, per-patch layer-normalised encoder features
   of the *clean* image at the blanked cells.
-- ``itc``: cross-modal contrastive, :func:`date_core.losses.info_nce` between the retrieval
+- ``itc``: cross-modal contrastive, :func:`date_core.training.losses.info_nce` between the retrieval
   embeddings of ``encode_image`` and ``encode_text`` (pairs of one product are all positives).
 
 All three read one forward pass of the masked image and the masked caption (as CAPTURE does:
@@ -21,7 +21,7 @@ that gives the ``mpm`` targets.
 The pieces: :func:`mask_tokens`, :func:`mask_patches`, :class:`CaptureHeads`,
 :class:`CapturePretrainer` (model + heads -> terms), :class:`CaptureCriterion` (weights, total),
 :func:`pretrain_step` (one optimiser step, ``loss/<term>`` floats like
-:func:`date_core.engine.train_step`) and :func:`pretrain_loop` (a plain in-process loop for tests
+:func:`date_core.training.engine.train_step`) and :func:`pretrain_loop` (a plain in-process loop for tests
 and benchmarks). The Ray Train stage is :mod:`date_core.runtime.pretraining`.
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import batch as B
-from .losses import info_nce
-from .model import DateModel, unwrap
-from .model.aggregator import CrossAttentionBlock
+from date_core import batch as B
+from date_core.training.losses import info_nce
+from date_core.model import DateModel, unwrap
+from date_core.model.aggregator import CrossAttentionBlock
 
 PRETRAIN_TERMS = ("mlm", "mpm", "itc")
 HEADS_FILE = "pretrain_heads.safetensors"
@@ -250,7 +250,7 @@ def build_pretrainer(model: DateModel, tokenizer: Any, pcfg: Mapping[str, Any] |
 
 def pretrain_config(pcfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``pretrain:`` section of ``date_core/configs/default.yaml`` with ``pcfg`` merged over it."""
-    from .config import config_section
+    from date_core.config import config_section
 
     return config_section("pretrain", pcfg)
 
@@ -269,7 +269,7 @@ def pretrain_step(pretrainer: nn.Module, criterion: CaptureCriterion, batch: Map
     DDP-wrapped); the optimiser steps every ``grad_accum`` micro-steps. Returns floats
     ``loss/mlm``, ``loss/mpm``, ``loss/itc`` (the active ones), ``loss/total``, ``mlm_acc``,
     ``lr``, ``grad_norm`` (when stepping) and ``stepped`` (1.0 when the optimiser stepped)."""
-    from .engine import _autocast, optimizer_update, to_device
+    from date_core.training.engine import _autocast, optimizer_update, to_device
 
     device = torch.device(device)
     pretrainer.train()
@@ -305,7 +305,7 @@ def pretrain_loop(model: DateModel, batches_factory: Callable[[], Iterable[Mappi
     Each step's logs (:func:`pretrain_step`) are appended to ``history`` when given. The heads
     are dropped; :func:`build_pretrainer` + :func:`pretrain_step` keep them.
     """
-    from .engine import build_optimizer, schedule_from_config
+    from date_core.training.engine import build_optimizer, schedule_from_config
 
     pcfg = pretrain_config(cfg)
     tcfg = {"lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 0, **dict(pcfg.get("train") or {})}

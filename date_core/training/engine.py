@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import batch as B
-from .losses import DateCriterion
-from .metrics import PG_NAMES, dedupe_gallery, grounding_metrics, retrieval_metrics
-from .model import unwrap
+from date_core import batch as B
+from date_core.training.losses import DateCriterion
+from date_core.evaluation.metrics import PG_NAMES, dedupe_gallery, grounding_metrics, retrieval_metrics
+from date_core.model import unwrap
 
 Batch = Mapping[str, Any]
 Aligner = Callable[[dict, dict], dict]
@@ -43,7 +43,7 @@ def build_optimizer(model: nn.Module, cfg_train: Mapping[str, Any],
     reads ``lr``, ``weight_decay``, ``betas`` and ``encoder_lr_mult`` (learning-rate factor for
     the two encoders, useful with pretrained ones).
     """
-    from .config import config_section
+    from date_core.config import config_section
 
     cfg_train = config_section("train", cfg_train)  # a key not given takes default.yaml's value
     lr = float(cfg_train["lr"])
@@ -90,7 +90,7 @@ def schedule_from_config(optimizer: torch.optim.Optimizer, cfg_train: Mapping[st
     """The ``train:`` section's schedule over ``total_steps`` optimiser steps: ``warmup_steps``
     (at most a fifth of the run, so that a short run, e.g. a later PG-DA round, still decays),
     then cosine decay to ``min_lr_ratio * lr``. Every training loop builds its schedule here."""
-    from .config import config_section
+    from date_core.config import config_section
 
     cfg_train = config_section("train", cfg_train)
     total_steps = max(1, int(total_steps))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .boxes import best_match_iou
+from date_core.boxes import best_match_iou
 
 PR_KS = (1, 5, 10)
 MAP_K = 10

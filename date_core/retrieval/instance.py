@@ -2,7 +2,7 @@
 
 A *query* is a multi-product image with its caption; the *gallery* holds single-product
 images; a gallery item is relevant when its product is one of the query's ``instance_ids``
-(:mod:`date_core.metrics_instance` scores the rankings). Both sides go through the model's own
+(:mod:`date_core.evaluation.metrics_instance` scores the rankings). Both sides go through the model's own
 extractors, nothing is trained here:
 
 - caption -> gallery image: ``encode_text(caption)["emb"] . encode_image(item)["emb"]``, DATE's
@@ -26,8 +26,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from . import batch as B
-from .metrics_instance import instance_retrieval_metrics
+from date_core import batch as B
+from date_core.evaluation.metrics_instance import instance_retrieval_metrics
 
 IMAGE_POOLS = ("mean", "tokens")
 #: ``text_weight`` values tried on the validation split.
@@ -157,7 +157,7 @@ def evaluate_checkpoint(model_dir: str, root: str, queries: tuple[str, str] = ("
     ``text_weight`` / ``image_pool`` where given, else chosen on ``val`` (:func:`choose_rule`);
     without either, caption and image count equally with pooled embeddings.
     """
-    from .inference import load_seeker
+    from date_core.inference import load_seeker
 
     seeker = load_seeker(model_dir, device=device, batch_size=batch_size)
     model, cfg = seeker.model, seeker.model.config
@@ -188,12 +188,12 @@ def read_split(root: str, domain: str, split: str) -> pa.Table:
     """``ROOT/<domain>/<split>`` as one Arrow table (the contract columns and ``instance_ids``)."""
     import pyarrow.parquet as pq
 
-    from .data import io, storage
+    from date_core.data import io, storage
 
     uri = io.pairs_uri(root, domain, split)
     files = io.parquet_files(uri)
     if not files:
-        from .data.schema import DataError
+        from date_core.data.schema import DataError
         raise DataError(uri, "no Parquet files found")
     fs, _ = storage.resolve_filesystem(uri)
     return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files], promote_options="default")
@@ -213,7 +213,7 @@ def model_batches(table: pa.Table, tokenizer: Any, image_size: int, max_text_len
                   batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
     """Contract rows -> evaluation model batches (no augmentation), through the data layer's
     :class:`~date_core.data.transforms.BatchTransform`, the transform every run uses."""
-    from .data.transforms import BatchTransform
+    from date_core.data.transforms import BatchTransform
 
     transform = BatchTransform(tokenizer, image_size, max_text_len, train=False)
     for s in range(0, table.num_rows, batch_size):

@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .adapt.selftrain import label_target_set
-from .adapt.views import build_views
-from .evaluation import evaluate_split, load_for_eval, split_batches
+from date_core.adapt.selftrain import label_target_set
+from date_core.adapt.views import build_views
+from date_core.evaluation.evaluate import evaluate_split, load_for_eval, split_batches
 
 #: the proxy's reliability: the pipeline's default signals at equal weight, whatever a trial sets
 PROXY_RELIABILITY = {"confidence": 1.0, "agreement": 1.0}

@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .data import io, storage
-from .imaging import decode_image
+from date_core.data import io, storage
+from date_core.imaging import decode_image
 
 MANIFEST = "index.json"
 SHARDS = "embeddings"
@@ -196,8 +196,8 @@ class CatalogueIndex:
         return len(self.image_id)
 
     def build_ann(self, kind: str = "hnsw", **kwargs) -> None:
-        """Build an approximate index (:class:`date_core.search.ApproxIndex`) over the embeddings."""
-        from .search import ApproxIndex
+        """Build an approximate index (:class:`date_core.retrieval.search.ApproxIndex`) over the embeddings."""
+        from date_core.retrieval.search import ApproxIndex
 
         self.ann = ApproxIndex.build(self.embeddings, kind, **kwargs)
 
@@ -205,7 +205,7 @@ class CatalogueIndex:
                ) -> tuple[np.ndarray, np.ndarray]:
         """``queries [Q, D]`` -> (``[Q, k]`` scores, ``[Q, k]`` rows of this index), exact unless
         ``approximate`` (then :meth:`build_ann` first, or it is built with its defaults)."""
-        from .search import exact_search
+        from date_core.retrieval.search import exact_search
 
         if approximate:
             if self.ann is None:
@@ -230,7 +230,7 @@ def load_index(index: str) -> CatalogueIndex:
 
 def index_from_table(table: pa.Table, manifest: dict[str, Any]) -> CatalogueIndex:
     """Shard rows (:func:`index_schema`) -> a :class:`CatalogueIndex`, an image kept once."""
-    from .search import unique_rows
+    from date_core.retrieval.search import unique_rows
 
     table = table.take(pa.array(unique_rows(table.column("image_id").to_pylist())))
     emb = table.column("embedding").combine_chunks()

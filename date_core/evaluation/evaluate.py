@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import batch as B
-from .data import io, storage
-from .data.transforms import BatchTransform
-from .engine import metrics_from_predictions, predict
-from .imaging import decode_image
-from .inference import load_model
-from .metrics import dedupe_gallery, prefixed, topk_relevance
-from .text import load_tokenizer
+from date_core import batch as B
+from date_core.data import io, storage
+from date_core.data.transforms import BatchTransform
+from date_core.training.engine import metrics_from_predictions, predict
+from date_core.imaging import decode_image
+from date_core.inference import load_model
+from date_core.evaluation.metrics import dedupe_gallery, prefixed, topk_relevance
+from date_core.text import load_tokenizer
 
 _EVAL_COLUMNS = ["pair_id", "image_id", "image", "query", "box", "alt_boxes", "item_id"]
 
@@ -100,7 +100,7 @@ def recall_curve(pred: dict[str, torch.Tensor], max_k: int = 10) -> dict[int, fl
 
 def samples_in_pixels(ev: Evaluation, image_size: int) -> tuple[list, list, list, list]:
     """The evaluation's samples with boxes mapped back to original pixels (x1, y1, x2, y2)."""
-    from .imaging import Letterbox, letterbox_cxcywh_to_xyxy_pixels
+    from date_core.imaging import Letterbox, letterbox_cxcywh_to_xyxy_pixels
 
     s = ev.samples
     true_px, pred_px = [], []

@@ -48,7 +48,7 @@ def _caption(hit) -> str:
 
 
 def write_png(queries: Sequence[str], hits: Sequence[Sequence], path: str | Path) -> Path:
-    """One row per query: the query text, then its hits (:class:`date_core.seek.Hit`, with
+    """One row per query: the query text, then its hits (:class:`date_core.retrieval.seek.Hit`, with
     ``image``) with boxes, rank, score and grounding confidence. Returns ``path``."""
     k = max((len(h) for h in hits), default=0)
     if not queries or k == 0:

@@ -1,7 +1,7 @@
 """Seek products by text in an indexed catalogue: retrieve, ground, optionally re-rank.
 
 DATE's two seekers cooperate here: the retrieval seeker's embeddings find candidate images in
-the index (:mod:`date_core.indexing`), and the grounding seeker boxes the product in each of them.
+the index (:mod:`date_core.retrieval.indexing`), and the grounding seeker boxes the product in each of them.
 With ``rerank_weight > 0`` the candidates are re-ordered by similarity + weight x grounding
 confidence (:func:`date_core.model.seekers.combine_scores`, the same rule as
 :func:`~date_core.model.seekers.rerank_by_grounding`). Whether that helps is measured by
@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .indexing import CatalogueIndex, ImageStore
-from .model.seekers import combine_scores
+from date_core.retrieval.indexing import CatalogueIndex, ImageStore
+from date_core.model.seekers import combine_scores
 
 #: Re-ranking by grounding confidence is off by default: ``bench/rerank.py`` measures whether it
 #: lifts R@1 (BENCHMARKS.md has the current figure).

@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import batch as B
-from .boxes import candidate_boxes, box_iou, cxcywh_to_xyxy, generalized_box_iou
+from date_core import batch as B
+from date_core.boxes import candidate_boxes, box_iou, cxcywh_to_xyxy, generalized_box_iou
 
 SUPERVISED_TERMS = ("retrieval", "box_l1", "box_giou", "confidence", "box_focus")
 PSEUDO_TERMS = ("pseudo_box_l1", "pseudo_box_giou", "pseudo_box_focus")
