@@ -55,7 +55,7 @@ from date_core import batch as B  # noqa: E402
 from date_core import build_model  # noqa: E402
 from date_core.adapt import (EMATeacher, adaptation_step, attach_pseudo_boxes, build_aligner_for_model,  # noqa: E402
                              build_views, ema_decay_for, label_target_set, round_loss_weights, zoom_settings)
-from date_core.config import default_config  # noqa: E402
+from date_core.config import apply_overrides, default_config  # noqa: E402
 from date_core.data.io import to_numpy_batch  # noqa: E402
 from date_core.data.transforms import BatchTransform  # noqa: E402
 from date_core.training.engine import autocast_dtype, build_optimizer, build_scheduler, evaluate  # noqa: E402
@@ -242,13 +242,13 @@ def round_bounds(steps: int, rounds: int, first_label: float) -> np.ndarray:
 def row_config(row: str, args) -> tuple[dict, dict]:
     """(loss weights, adapt section) of a row: the defaults, ``--set`` overrides, and the row's
     alignment terms (each at ``--align-weight``; zero unless the row aligns)."""
-    cfg = default_config()
     for text in args.overrides:
-        key, value = text.split("=", 1)
-        section, name = key.strip().split(".", 1)
-        if section not in ("adapt", "loss"):
+        if text.split("=", 1)[0].strip().split(".", 1)[0] not in ("adapt", "loss"):
             raise SystemExit(f"--set {text}: only adapt.* and loss.* can be set here")
-        cfg[section][name] = yaml.safe_load(value)
+    try:  # the stages' parser: an unknown key or a wrongly typed value is refused in one line
+        cfg = apply_overrides(default_config(), args.overrides)
+    except ValueError as exc:
+        raise SystemExit(f"--set: {exc}") from None
     weights, adapt = dict(cfg["loss"]), dict(cfg["adapt"])
     adapt["aligner"] = args.aligner
     if args.rounds is not None:  # one source of truth: the run's recorded adapt section says what ran

@@ -99,3 +99,19 @@ def test_gpu_description_does_not_touch_cuda_before_the_pool_forks(monkeypatch):
     monkeypatch.setattr(_common.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 0, stdout="NVIDIA H200, 143771\n", stderr=""))
     assert _common.gpu_description() == "NVIDIA H200 (140 GiB)"
+
+
+def test_set_goes_through_the_stages_checked_parser(tmp_path, monkeypatch, capsys):
+    """``--set`` is refused in one line for a misspelt key or a wrongly typed value, before any
+    image is rendered, as a stage refuses it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pgda_ablation", None)
+    import pgda_ablation
+
+    base = ["--quick", "--threads", "1", "--results-dir", str(tmp_path)]
+    for bad, words in (("adapt.keep_shedule=[0.2]", "did you mean 'adapt.keep_schedule'"),
+                       ("adapt.rounds=two", "expects int"), ("train.lr=1", "only adapt.* and loss.*")):
+        with pytest.raises(SystemExit) as exc:
+            pgda_ablation.main(base + ["--set", bad])
+        assert words in str(exc.value)
+    assert not any(tmp_path.iterdir())
