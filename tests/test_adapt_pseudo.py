@@ -102,7 +102,7 @@ def test_focus_zoom_lets_a_source_sized_teacher_draw_small_products_their_size()
     np.testing.assert_allclose(same["box"], plain["box"], atol=1e-6)
     from date_core.adapt import focus_zoom_of
 
-    assert focus_zoom_of({}) is None and focus_zoom_of({"focus_zoom": 1.5}) == 1.5
+    assert focus_zoom_of({"focus_zoom": None}) is None and focus_zoom_of({"focus_zoom": 1.5}) == 1.5
     with pytest.raises(ValueError, match="focus_zoom"):
         focus_zoom_of({"focus_zoom": 0.5})
 

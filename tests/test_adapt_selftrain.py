@@ -164,7 +164,7 @@ def test_label_target_set_is_select_round_over_predict_views():
     batches = [_tiny_batch(seed=s, with_boxes=False) for s in (0, 1)]
     for i, b in enumerate(batches):
         b[B.PAIR_KEY] = b[B.PAIR_KEY] + 10 * i
-    cfg = {"keep_schedule": [0.5], "reliability": {"confidence": 1.0, "sensitivity": 1.0}}
+    cfg = {"keep_schedule": [0.5], "reliability": {"confidence": 1.0, "sensitivity": 1.0}, "focus_zoom": None}
     views = build_views(["identity", "hflip"])
     rnd = label_target_set(model, batches, views, 0, cfg)
     by_hand = select_round(concat_predictions([predict_views(model, b, views) for b in batches]), 0, cfg)

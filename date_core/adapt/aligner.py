@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config import config_section
 from .grl import grad_reverse, grl_coefficient
 from .mmd import DEFAULT_MULTIPLIERS, ESTIMATORS, joint_mk_mmd, mk_mmd, size_shift_weights
 
@@ -342,8 +343,6 @@ def build_aligner(cfg_adapt: Mapping[str, Any], *, token_dim: int, num_tokens: i
             (:meth:`~date_core.model.seekers.GroundingSeeker.box_jacobian`); used only under
             ``protect_box``.
     """
-    from ..config import config_section
-
     cfg_adapt = config_section("adapt", cfg_adapt)  # a key not given takes default.yaml's value
     kind = cfg_adapt["aligner"]
     if bool(cfg_adapt["protect_box"]):

@@ -27,6 +27,7 @@ import torch
 
 from .. import batch as B
 from ..boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from ..config import config_section
 from .views import Compose, Focus, Identity, View
 
 RELIABILITY_SIGNALS = ("agreement", "confidence", "retrieval", "sensitivity")
@@ -238,12 +239,14 @@ def score_and_select(pred: Mapping[str, np.ndarray], round_index: int, cfg_adapt
             ``confidence`` and, when retrieval's weight is > 0, ``query_emb``, ``image_emb``,
             ``image_key``).
         round_index: 0-based labelling round.
-        cfg_adapt: the ``adapt`` config section (``keep_schedule``, ``reliability``,
-            optional ``retrieval_topk`` (5), ``min_reliability`` (0.0), ``search_chunk`` (4096)).
+        cfg_adapt: the ``adapt`` config section, or part of it (the rest from ``default.yaml``):
+            ``keep_schedule``, ``reliability``, ``retrieval_topk``, ``min_reliability``,
+            ``search_chunk``.
     Returns:
         ``(reliability float32 [N] in [0, 1], keep bool [N])``.
     """
-    weights = {s: float(w) for s, w in dict(cfg_adapt.get("reliability") or {}).items()}
+    cfg_adapt = config_section("adapt", cfg_adapt)
+    weights = {s: float(w) for s, w in dict(cfg_adapt["reliability"]).items()}
     unknown = set(weights) - set(RELIABILITY_SIGNALS)
     if unknown:
         raise ValueError(f"unknown reliability signals {sorted(unknown)}; choose from {RELIABILITY_SIGNALS}")
@@ -259,15 +262,15 @@ def score_and_select(pred: Mapping[str, np.ndarray], round_index: int, cfg_adapt
         signals["sensitivity"] = np.clip(np.asarray(pred["sensitivity"], dtype=np.float64), 0, 1)
     if weights.get("retrieval", 0.0) > 0:
         signals["retrieval"] = retrieval_hits(
-            pred["query_emb"], pred["image_emb"], pred[B.IMAGE_KEY], int(cfg_adapt.get("retrieval_topk", 5)),
-            int(cfg_adapt.get("search_chunk", 4096))).astype(np.float64)
+            pred["query_emb"], pred["image_emb"], pred[B.IMAGE_KEY], int(cfg_adapt["retrieval_topk"]),
+            int(cfg_adapt["search_chunk"])).astype(np.float64)
     reliability = sum(weights.get(s, 0.0) * sig for s, sig in signals.items()) / sum(weights.values())
-    fraction = kept_fraction(cfg_adapt.get("keep_schedule", [1.0]), round_index)
+    fraction = kept_fraction(cfg_adapt["keep_schedule"], round_index)
     n_keep = int(round(fraction * n))
     order = np.argsort(-reliability, kind="stable")
     keep = np.zeros(n, dtype=bool)
     keep[order[:n_keep]] = True
-    keep &= reliability > float(cfg_adapt.get("min_reliability", 0.0))
+    keep &= reliability > float(cfg_adapt["min_reliability"])
     return reliability.astype(np.float32), keep
 
 

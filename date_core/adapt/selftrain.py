@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import batch as B
 from ..boxes import best_match_iou, candidate_boxes, cxcywh_to_xyxy
+from ..config import config_section
 from .pseudo import (build_pseudo_labels, concat_predictions, kept_fraction, predict_views, retrieval_hits,
                      score_and_select)
 from .views import View
@@ -96,7 +97,8 @@ class LabelRound:
             signals["sensitivity"] = p["sensitivity"]
         if all(k in p for k in ("query_emb", "image_emb", B.IMAGE_KEY)):
             signals["retrieval"] = retrieval_hits(p["query_emb"], p["image_emb"], p[B.IMAGE_KEY],
-                                                  int((cfg_adapt or {}).get("retrieval_topk", 5))).astype(np.float32)
+                                                  int(config_section("adapt", cfg_adapt)["retrieval_topk"])
+                                                  ).astype(np.float32)
         signals["reliability"] = self.reliability
         k = max(1, int(round(fraction * right.size)))
         order = {name: np.argsort(-np.asarray(sig, dtype=np.float64)[has], kind="stable")[:k]
@@ -160,7 +162,8 @@ def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
         keep_annotations: carry hidden target boxes through for :meth:`LabelRound.summary`'s
             precision (monitoring only).
     """
-    consensus = consensus or cfg_adapt.get("consensus", "median")
+    cfg_adapt = config_section("adapt", cfg_adapt)
+    consensus = consensus or cfg_adapt["consensus"]
     sens = sensitivity_pass_of(cfg_adapt)
     zoom = focus_zoom_of(cfg_adapt)
     parts = [predict_views(model, b, views, consensus=consensus, keep_annotations=keep_annotations,
@@ -173,14 +176,15 @@ def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
 def sensitivity_pass_of(cfg_adapt: Mapping[str, Any]) -> bool:
     """Whether labelling runs the query-sensitivity pass: ``adapt.sensitivity_pass``, or any
     ``adapt.reliability`` weight on ``sensitivity`` (a weighted signal must be computed)."""
-    weighted = float((cfg_adapt.get("reliability") or {}).get("sensitivity", 0.0) or 0.0) > 0
-    return bool(cfg_adapt.get("sensitivity_pass", False)) or weighted
+    cfg_adapt = config_section("adapt", cfg_adapt)
+    weighted = float(cfg_adapt["reliability"].get("sensitivity") or 0.0) > 0  # a signal absent = weight 0
+    return bool(cfg_adapt["sensitivity_pass"]) or weighted
 
 
 def focus_zoom_of(cfg_adapt: Mapping[str, Any]) -> float | None:
     """``adapt.focus_zoom`` checked: ``None`` (off) or a zoom factor in [1, 4] (1 only moves each
     pair's first box centre to the middle of the view, without zooming)."""
-    zoom = cfg_adapt.get("focus_zoom")
+    zoom = config_section("adapt", cfg_adapt)["focus_zoom"]
     if zoom is None:
         return None
     zoom = float(zoom)
@@ -193,9 +197,10 @@ def select_round(pred: dict[str, np.ndarray], round_index: int, cfg_adapt: Mappi
     """The global half of labelling: reliability of every pair of the whole target set, the
     round's kept fraction, and the pseudo-label rows (``pred``: :func:`concat_predictions` of
     :func:`predict_views` over the target set)."""
+    cfg_adapt = config_section("adapt", cfg_adapt)
     reliability, keep = score_and_select(pred, round_index, cfg_adapt)
     labels = build_pseudo_labels(pred, reliability, keep, round_index)
-    fraction = kept_fraction(cfg_adapt.get("keep_schedule", [1.0]), round_index)
+    fraction = kept_fraction(cfg_adapt["keep_schedule"], round_index)
     return LabelRound(round_index, pred, reliability, keep, labels, fraction)
 
 
@@ -213,10 +218,11 @@ def round_loss_weights(weights: Mapping[str, Any], cfg_adapt: Mapping[str, Any],
     defaults (0 and null) align in every round."""
     from date_core.training.losses import ALIGNMENT_TERMS
 
-    start = int(cfg_adapt.get("align_from_round", 0) or 0)
+    cfg_adapt = config_section("adapt", cfg_adapt)
+    start = int(cfg_adapt["align_from_round"])
     if start < 0:
         raise ValueError(f"adapt.align_from_round must be >= 0, got {start}")
-    until = cfg_adapt.get("align_until_round")
+    until = cfg_adapt["align_until_round"]
     if until is not None and int(until) <= start:
         raise ValueError(f"adapt.align_until_round ({until}) must be null or above align_from_round ({start})")
     out = dict(weights)
@@ -230,16 +236,17 @@ def ema_decay_for(total_steps: int, cfg_adapt: Mapping[str, Any]) -> float:
     """The EMA teacher's decay for a run of ``total_steps`` optimiser steps.
 
     ``adapt.ema_decay`` (a number) wins; otherwise the half-life is ``adapt.ema_half_life``
-    (default 0.05) of the run: ``decay = 0.5 ** (1 / (half_life * total_steps))``, clipped to
+    of the run: ``decay = 0.5 ** (1 / (half_life * total_steps))``, clipped to
     [0.9, 0.9999]. A fixed 0.999 (Mean Teacher's) would average over ~700 steps: longer than a
     whole CPU round, so the teacher would still carry its initial weights at the end."""
-    fixed = cfg_adapt.get("ema_decay")
+    cfg_adapt = config_section("adapt", cfg_adapt)
+    fixed = cfg_adapt["ema_decay"]
     if fixed is not None:
         decay = float(fixed)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"adapt.ema_decay must lie in [0, 1), got {decay}")
         return decay
-    half_life = float(cfg_adapt.get("ema_half_life", 0.05)) * max(1, int(total_steps))
+    half_life = float(cfg_adapt["ema_half_life"]) * max(1, int(total_steps))
     return float(min(0.9999, max(0.9, 0.5 ** (1.0 / max(half_life, 1.0)))))
 
 
@@ -335,8 +342,9 @@ def adaptation_step(student: nn.Module, criterion, source_batch: Mapping[str, An
 def zoom_settings(cfg_train: Mapping[str, Any]) -> dict[str, Any] | None:
     """``train.zoom_out`` ([lo, hi] or null) and ``train.zoom_prob`` -> :func:`adaptation_step`'s
     ``zoom_out`` argument (None when off)."""
-    rng = cfg_train.get("zoom_out")
-    prob = float(cfg_train.get("zoom_prob", 0.5))
+    cfg_train = config_section("train", cfg_train)
+    rng = cfg_train["zoom_out"]
+    prob = float(cfg_train["zoom_prob"])
     if not rng or prob <= 0:
         return None
     return {"range": [float(rng[0]), float(rng[1])], "prob": prob}

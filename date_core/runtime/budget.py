@@ -38,7 +38,7 @@ class BudgetError(RuntimeError):
 def trainer_cpus(cfg: Mapping[str, Any]) -> float:
     """CPUs the stage's Train workers hold: ``num_workers x cpus_per_worker``."""
     rt = cfg["runtime"]
-    return float(rt["num_workers"]) * float(rt.get("cpus_per_worker", 1))
+    return float(rt["num_workers"]) * float(rt["cpus_per_worker"])
 
 
 def data_cpus(cfg: Mapping[str, Any], available: float | None = None) -> float:

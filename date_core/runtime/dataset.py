@@ -60,7 +60,7 @@ def plan_dataset(cfg: Mapping[str, Any], parts: Iterable[tuple[str, str]]) -> Li
     missing = [p for p in parts if p not in present]
     if not missing:
         return "ready"
-    explicit = bool((data.get("synth") or {}).get("generate", False))
+    explicit = bool(data["synth"]["generate"])
     if not present:
         if explicit or root == default_root():
             return "generate"
@@ -79,8 +79,8 @@ def ensure_dataset(cfg: Mapping[str, Any], stage: str) -> None:
     parts = required_parts(cfg, stage)
     if plan_dataset(cfg, parts) == "ready":
         return
-    synth = data.get("synth") or {}
-    mall, live, seed = int(synth.get("mall", 1600)), int(synth.get("live", 1000)), int(synth.get("seed", 0))
+    synth = data["synth"]
+    mall, live, seed = int(synth["mall"]), int(synth["live"]), int(synth["seed"])
     from date_core.runtime.dataio import prepare_synth
 
     print(f"[{stage}] no dataset at {data['root']}: generating ProductWorld ({mall} mall + {live} live images)",

@@ -73,7 +73,7 @@ def label_threads(adapt: Mapping[str, Any]) -> int:
     ``adapt.label_cpus``, at least 1."""
     threads = adapt.get("label_threads")
     if threads is None:
-        threads = max(1, int(float(adapt.get("label_cpus", 1))))
+        threads = max(1, int(float(adapt["label_cpus"])))
     if int(threads) < 1:
         raise ValueError(f"adapt.label_threads must be >= 1 or null, got {threads}")
     return int(threads)
@@ -87,13 +87,13 @@ def label_target(cfg: Mapping[str, Any], model_dir: str, tokenizer: str, round_i
     rows = read_pairs(data["root"], data["target_domain"], data["train_split"])
     use_gpu = bool(rt["use_gpu"])
     preds = rows.map_batches(
-        TargetLabeler, batch_size=int(adapt.get("label_batch_size", 64)), batch_format="numpy",
+        TargetLabeler, batch_size=int(adapt["label_batch_size"]), batch_format="numpy",
         fn_constructor_kwargs=dict(model_dir=str(model_dir), tokenizer=tokenizer, views=list(adapt["views"]),
-                                   consensus=adapt.get("consensus", "median"), use_gpu=use_gpu,
+                                   consensus=adapt["consensus"], use_gpu=use_gpu,
                                    sensitivity=sensitivity_pass_of(adapt),
                                    focus_zoom=focus_zoom_of(adapt), torch_threads=label_threads(adapt)),
-        compute=ActorPoolStrategy(size=int(adapt.get("label_actors", 1))),
-        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else float(adapt.get("label_cpus", 1)),
+        compute=ActorPoolStrategy(size=int(adapt["label_actors"])),
+        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else float(adapt["label_cpus"]),
     )
     parts = list(watched(preds.iter_batches(batch_size=None, batch_format="numpy"), "labelling",
                          float(rt["stall_timeout_s"]), what="labelled batch"))

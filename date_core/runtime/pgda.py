@@ -136,7 +136,7 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
         _upload_dir(stage.model_dir, model_uri)
         record: dict[str, Any] = {"round": r, "model": model_uri, "run_id": stage.run_id,
                                   "trained_on": describe_round(cfg, r)}
-        if r < rounds - 1 or adapt.get("label_last_round", False):
+        if r < rounds - 1 or adapt["label_last_round"]:
             rnd = label_target(cfg, str(stage.model_dir), tok, r)
             record["pseudo"] = storage.join(base, "pseudo", f"round-{r}")
             commit_pseudo(pseudo_table(rnd), record["pseudo"])

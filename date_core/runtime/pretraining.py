@@ -106,7 +106,7 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     pretrainer, criterion = build_pretrainer(model, tokenizer, cfg["pretrain"])
     pretrainer.to(device)
     optimizer = build_optimizer(pretrainer.model, tcfg, extra_modules=[pretrainer.heads])
-    bs, accum = int(tcfg["batch_size"]), int(tcfg.get("grad_accum", 1))
+    bs, accum = int(tcfg["batch_size"]), int(tcfg["grad_accum"])
     steps_per_epoch = max(1, counts["train"] // world // bs // accum)
     total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
     epochs = -(-total_steps // steps_per_epoch)
@@ -157,7 +157,7 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
             last_log = {f"pretrain/{k}": v for k, v in logs.items() if k != "stepped"}
             if micro > 1:
                 last_log["pretrain/samples_per_s"] = (micro - 1) * bs / max(time.time() - t_first, 1e-9)
-            if rank == 0 and state["step"] % int(tcfg.get("log_every", 20)) == 0:
+            if rank == 0 and state["step"] % int(tcfg["log_every"]) == 0:
                 tracker.log(last_log, state["step"])
                 rate = (state["step"] - start_step) / max(1e-6, time.time() - t0)
                 print(f"[pretrain] step {state['step']}/{total_steps} "

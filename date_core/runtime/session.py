@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import ray
 
+from date_core.config import config_section
 from date_core.data import storage
 
 
@@ -53,7 +54,7 @@ def init_ray(cfg: Mapping[str, Any] | None = None) -> None:
     runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": a fresh Ray for this job, never one some other process left running
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
-             object_store_memory=int((cfg or {}).get("runtime", {}).get("object_store_mb", 512)) * 1024 * 1024,
+             object_store_memory=int(config_section("runtime", (cfg or {}).get("runtime"))["object_store_mb"]) * 1024 * 1024,
              **local_ray_options(cpus))
 
 

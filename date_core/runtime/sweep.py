@@ -91,7 +91,7 @@ def fit_trials(cfg: Mapping[str, Any], space: Space, cluster_cpus: float) -> dic
             f"{concurrent} concurrent trial(s) need {concurrent} x ({driver:g} driver + {trainer:g} Train workers + "
             f"{max(data, streams * MIN_STREAM_CPUS):g} data streams) CPUs, the cluster has {cluster_cpus:g}; lower "
             f"max_concurrent_trials in the space, runtime.cpus_per_worker or runtime.data_cpus")
-    label = float(cfg["adapt"].get("label_cpus", 1)) if not cfg["runtime"]["use_gpu"] else 0.0
+    label = float(cfg["adapt"]["label_cpus"]) if not cfg["runtime"]["use_gpu"] else 0.0
     if label > trainer + data + 1e-9:
         raise SweepError(f"a trial's labelling actor asks for adapt.label_cpus={label:g} CPU, more than the "
                          f"{trainer + data:g} its training hands back; lower adapt.label_cpus")

@@ -125,13 +125,13 @@ def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, st
 def worker_setup(tcfg: Mapping[str, Any], rcfg: Mapping[str, Any]) -> tuple[int, int, torch.device, Any]:
     """A Ray Train worker's start: quiet report logs, torch threads, a per-rank seed ->
     (rank, world size, device, autocast dtype of ``train.precision``: :func:`~date_core.training.engine.autocast_dtype`)."""
-    _quiet_report_log(str(rcfg.get("train_log_level", "WARNING")))
+    _quiet_report_log(str(rcfg["train_log_level"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(rcfg.get("torch_threads") or rcfg.get("cpus_per_worker") or 1)))
     torch.manual_seed(int(tcfg["seed"]) + rank)
-    return rank, world, device, autocast_dtype(device, str(tcfg.get("precision", "auto")))
+    return rank, world, device, autocast_dtype(device, str(tcfg["precision"]))
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """One data-parallel worker. ``loop_cfg``: ``cfg`` (the resolved run config), ``tokenizer``
@@ -158,7 +158,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         model = init_model(cfg, loop_cfg["vocab_size"], loop_cfg.get("init_weights"),
                            (loop_cfg.get("mlflow") or {}).get("uri"))
     tokenizer = load_tokenizer(loop_cfg["tokenizer"])
-    criterion = build_criterion(cfg["loss"], pseudo_focus=cfg["adapt"].get("pseudo_focus", "centre"))
+    criterion = build_criterion(cfg["loss"], pseudo_focus=cfg["adapt"]["pseudo_focus"])
     aligner = None
     if "target" in counts and loop_cfg.get("align", False):
         from date_core.adapt import build_aligner_for_model
@@ -168,14 +168,14 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if aligner is not None:
         aligner.to(device)
     optimizer = build_optimizer(model, tcfg, extra_modules=[aligner] if aligner is not None else ())
-    bs, accum = int(tcfg["batch_size"]), int(tcfg.get("grad_accum", 1))
+    bs, accum = int(tcfg["batch_size"]), int(tcfg["grad_accum"])
     steps_per_epoch = max(1, counts["train"] // world // bs // accum)
     total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
     epochs = -(-total_steps // steps_per_epoch)
     scheduler = schedule_from_config(optimizer, tcfg, total_steps)
     # PG-DA rounds: an EMA teacher follows the student; it labels the target and is the output
     teacher = None
-    if "target" in counts and cfg["adapt"].get("teacher", True):
+    if "target" in counts and cfg["adapt"]["teacher"]:
         teacher = EMATeacher(model, ema_decay_for(total_steps, cfg["adapt"]))
         if rank == 0:
             print(f"[train] EMA teacher, decay {teacher.decay:.4f} over {total_steps} steps", flush=True)
@@ -235,7 +235,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                               target_batch=next(target_iter) if target_iter is not None else None,
                               aligner=aligner, teacher=teacher, progress=state["step"] / total_steps,
                               grad_accum=accum, micro_step=micro, zoom_out=zoom_settings(tcfg),
-                              strong_aug=bool(cfg["adapt"].get("strong_aug", False)),
+                              strong_aug=bool(cfg["adapt"]["strong_aug"]),
                               autocast_dtype=autocast, device=device)
             micro += 1
             if micro == 1:  # throughput clock starts after the first batch (startup, warm-up)
@@ -247,7 +247,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             last_log = {f"train/{k}": v for k, v in logs.items() if k != "stepped"}
             if micro > 1:  # pairs per second of this worker since its first batch
                 last_log["train/samples_per_s"] = (micro - 1) * bs / max(time.time() - t_first, 1e-9)
-            if rank == 0 and state["step"] % int(tcfg.get("log_every", 20)) == 0:
+            if rank == 0 and state["step"] % int(tcfg["log_every"]) == 0:
                 tracker.log(last_log, state["step"])
                 _progress(state, total_steps, start_step, t0, logs)
             if state["step"] % int(tcfg["checkpoint_every"]) == 0 and state["step"] < total_steps:
@@ -346,10 +346,10 @@ def run_config(cfg: Mapping[str, Any], name: str) -> RunConfig:
     handling and checkpoint retention of a run called ``name`` (same name = resume)."""
     return RunConfig(
         name=name, **storage_location(str(cfg["runtime"]["storage"])),
-        failure_config=FailureConfig(max_failures=int(cfg["runtime"].get("max_failures", 2))),
-        checkpoint_config=CheckpointConfig(num_to_keep=int(cfg["runtime"].get("keep_checkpoints", 2))),
+        failure_config=FailureConfig(max_failures=int(cfg["runtime"]["max_failures"])),
+        checkpoint_config=CheckpointConfig(num_to_keep=int(cfg["runtime"]["keep_checkpoints"])),
         # ray.train INFO lines (resources, process groups, devices) go to the log files only
-        logging_config=LoggingConfig(log_level=str(cfg["runtime"].get("train_log_level", "WARNING"))),
+        logging_config=LoggingConfig(log_level=str(cfg["runtime"]["train_log_level"])),
     )
 
 
@@ -362,8 +362,8 @@ def build_trainer(cfg: Mapping[str, Any], name: str, datasets: dict, loop_cfg: d
         num_workers=int(rt["num_workers"]), use_gpu=bool(rt["use_gpu"]),
         # extra custom resources (e.g. one "trainer slot" per node) pin workers to nodes while
         # leaving the node's CPUs to Ray Data
-        resources_per_worker={"CPU": float(rt.get("cpus_per_worker", 1)), **dict(rt.get("worker_resources") or {})},
-        placement_strategy=str(rt.get("placement_strategy", "PACK")),
+        resources_per_worker={"CPU": float(rt["cpus_per_worker"]), **dict(rt.get("worker_resources") or {})},
+        placement_strategy=str(rt["placement_strategy"]),
     )
     return TorchTrainer(
         loop or train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from date_core import batch as B
+from date_core.config import config_section
 from date_core.training.losses import DateCriterion
 from date_core.evaluation.metrics import PG_NAMES, dedupe_gallery, grounding_metrics, retrieval_metrics
 from date_core.model import unwrap
@@ -43,8 +44,6 @@ def build_optimizer(model: nn.Module, cfg_train: Mapping[str, Any],
     reads ``lr``, ``weight_decay``, ``betas`` and ``encoder_lr_mult`` (learning-rate factor for
     the two encoders, useful with pretrained ones).
     """
-    from date_core.config import config_section
-
     cfg_train = config_section("train", cfg_train)  # a key not given takes default.yaml's value
     lr = float(cfg_train["lr"])
     wd = float(cfg_train["weight_decay"])
@@ -90,8 +89,6 @@ def schedule_from_config(optimizer: torch.optim.Optimizer, cfg_train: Mapping[st
     """The ``train:`` section's schedule over ``total_steps`` optimiser steps: ``warmup_steps``
     (at most a fifth of the run, so that a short run, e.g. a later PG-DA round, still decays),
     then cosine decay to ``min_lr_ratio * lr``. Every training loop builds its schedule here."""
-    from date_core.config import config_section
-
     cfg_train = config_section("train", cfg_train)
     total_steps = max(1, int(total_steps))
     warmup = min(int(cfg_train["warmup_steps"]), total_steps // 5)
@@ -296,9 +293,9 @@ def fit(model: nn.Module, train_batches_factory: Callable[[], Iterable[Batch]], 
     logged under ``val/...`` with ``step`` and ``elapsed_s``. Stops at ``max_steps`` or after
     ``time_budget_s`` seconds of wall clock, whichever comes first.
     """
-    cfg_train = dict(cfg_train or {})
+    cfg_train = config_section("train", cfg_train)
     criterion = criterion or DateCriterion()
-    grad_accum = int(cfg_train.get("grad_accum", 1))
+    grad_accum = int(cfg_train["grad_accum"])
     model.to(device)
     optimizer = build_optimizer(model, cfg_train)
     if max_steps is None:

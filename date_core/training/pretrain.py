@@ -257,7 +257,7 @@ def pretrain_config(pcfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 def pretrain_train_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """A whole run config's training settings for pretraining: ``train`` with ``pretrain.train`` over it."""
-    return {**dict(cfg["train"]), **dict(cfg.get("pretrain", {}).get("train") or {})}
+    return {**dict(cfg["train"]), **dict(cfg["pretrain"]["train"] or {})}
 
 
 # ----------------------------------------------------------------------------- steps and loop
