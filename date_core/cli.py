@@ -45,6 +45,7 @@ def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     import yaml
 
     from date_core.config import resolve_config
+    from date_core.config_types import to_dict
 
     set_verbosity(bool(getattr(args, "verbose", False)))
     try:
@@ -52,7 +53,7 @@ def resolve(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     except (OSError, ValueError, KeyError) as exc:
         sys.exit(f"{stage}: bad configuration: {exc}")
     if args.dry_run:
-        print(yaml.safe_dump(cfg, sort_keys=False).rstrip(), flush=True)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), flush=True)
     else:
         print(f"[{stage}] {config_summary(args.config, args.overrides)}", flush=True)
     return cfg

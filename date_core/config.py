@@ -18,6 +18,7 @@ import yaml
 # the schema module is the lower layer (the keys, their types and the packaged defaults); this
 # one merges files and overrides over it, so the import goes one way only
 from date_core.config_schema import check, default_config, validate
+from date_core.config_types import Config, to_dict, typed
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``--set`` style overrides to a config; each key and value is checked against the
     schema (:class:`~date_core.config_schema.ConfigError` on an unknown key or a wrong type)."""
-    out = copy.deepcopy(dict(cfg))
+    out = to_dict(cfg)
     for text in overrides:
         path, value = parse_override(text)
         set_value(out, ".".join(path), value, where=f"--set {text}")
@@ -96,7 +97,7 @@ def absolute_paths(cfg: Mapping[str, Any], base: str | Path | None = None) -> di
     """Local paths of :data:`PATH_KEYS` made absolute against ``base`` (default: the working
     directory). Ray Train workers run in a directory of their own, where ``runs/data`` would
     name nothing; URIs (``s3://...``, ``models:/...``), ``None`` and preset names stay as they are."""
-    out = copy.deepcopy(dict(cfg))
+    out = to_dict(cfg)
     root = Path(base or Path.cwd())
     for section, key in PATH_KEYS:
         value = (out.get(section) or {}).get(key)
@@ -109,12 +110,22 @@ def absolute_paths(cfg: Mapping[str, Any], base: str | Path | None = None) -> di
     return out
 
 
-def resolve_config(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """defaults <- ``config_file`` <- ``overrides``, validated, with local paths made absolute."""
+def resolve_config(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """defaults <- ``config_file`` <- ``overrides``, validated, with local paths made absolute,
+    as a frozen :class:`~date_core.config_types.Config` (one typed dataclass per section)."""
     cfg = validate(default_config(), "date_core/configs/default.yaml")
     if config_file:
         cfg = deep_merge(cfg, validate(load_yaml(config_file), str(config_file)))
-    return absolute_paths(apply_overrides(cfg, overrides))
+    return typed(absolute_paths(apply_overrides(cfg, overrides)))
+
+
+def with_values(cfg: Mapping[str, Any], values: Mapping[str, Any], where: str = "") -> Any:
+    """A copy of ``cfg`` with the dotted keys of ``values`` set, each checked (and coerced) by
+    the schema: a typed config gives a typed copy, a dict a dict."""
+    out = to_dict(cfg)
+    for key, value in values.items():
+        set_value(out, key, value, where=where)
+    return typed(out) if isinstance(cfg, Config) else out
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -26,3 +26,38 @@ def test_preset_names_and_absolute_paths_stay(tmp_path):
     assert out["runtime"]["storage"] == str(tmp_path / "rel")
     assert cfg["runtime"]["storage"] == "rel"  # the input is not modified
     assert Path(out["runtime"]["storage"]).is_absolute()
+
+
+def test_the_resolved_config_is_frozen_typed_and_reads_as_a_mapping():
+    import dataclasses
+    import pickle
+
+    import pytest
+    import yaml
+
+    from date_core.config import flatten, with_values
+    from date_core.config_schema import ConfigError, default_config
+    from date_core.config_types import Config, to_dict
+
+    cfg = resolve_config(None, ["train.lr=2e-4", "adapt.keep_schedule=[0.2,0.4]"])
+    assert isinstance(cfg, Config) and dataclasses.is_dataclass(cfg.train)
+    assert cfg.train.lr == cfg["train"]["lr"] == 2e-4 and cfg.adapt.mmd.estimator == "unbiased"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+    with pytest.raises(TypeError):
+        cfg["train"]["lr"] = 1.0
+    # one section type per schema section; partial sections (only the given keys) stay dicts
+    assert type(cfg.adapt.mmd).__name__ == "AdaptMmdConfig" and isinstance(cfg.adapt.reliability, dict)
+    # default.yaml is the one source of values: the typed defaults hold exactly its keys and values
+    defaults, typed_defaults = default_config(), to_dict(resolve_config())
+    for section in ("loss", "train", "adapt", "pretrain", "promote"):  # (data and runtime: paths made absolute)
+        assert typed_defaults[section] == defaults[section], section
+    assert set(flatten(cfg)) == set(flatten(default_config()))
+    # a changed copy goes through the schema; the original stays
+    lower = with_values(cfg, {"train.lr": 1e-5})
+    assert isinstance(lower, Config) and lower.train.lr == 1e-5 and cfg.train.lr == 2e-4
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
+        with_values(cfg, {"train.epoch": 3})
+    # what Ray and MLflow need: it pickles (by reference to its classes) and dumps as YAML
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert yaml.safe_load(yaml.safe_dump(to_dict(cfg))) == cfg

@@ -36,6 +36,7 @@ def test_two_workers_log_to_mlflow_and_register(tracked, pw_dataset, tmp_path, m
     from mlflow.tracking import MlflowClient
 
     from date_core.runtime import tracking
+    from date_core.config import with_values
     from date_core.runtime.supervised import run_stage
 
     # Relative paths, as the README's commands give them: Ray Train workers run in a directory
@@ -43,7 +44,7 @@ def test_two_workers_log_to_mlflow_and_register(tracked, pw_dataset, tmp_path, m
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(Path(os.path.relpath(pw_dataset, tmp_path)), "ray")
     assert Path(cfg["data"]["root"]).is_absolute() and Path(cfg["runtime"]["storage"]) == tmp_path / "ray"
-    cfg["runtime"]["num_workers"] = 2
+    cfg = with_values(cfg, {"runtime.num_workers": 2})
     exp = tracking.setup("test-train")
     result = run_stage(cfg, "two-workers", experiment_id=exp, out_dir=tmp_path / "out")
 

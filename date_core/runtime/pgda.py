@@ -18,7 +18,6 @@ Train checkpoint, and pseudo-labels of a round are either committed whole or wri
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import shutil
@@ -33,6 +32,7 @@ from date_core.runtime import session, tracking
 from date_core.runtime.dataset import ensure_dataset
 from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target, pseudo_table, read_pseudo, target_with_pseudo
 from date_core.runtime.supervised import run_stage
+from date_core.config_types import to_dict, typed
 
 STATE_FILE = "pgda_state.json"
 #: ``on_round(round_index, record, model_dir, run_id) -> metrics``: called after each round's
@@ -59,11 +59,11 @@ def _round_cfg(cfg: Mapping[str, Any], r: int) -> dict[str, Any]:
     weights are zero outside ``adapt.align_from_round`` .. ``align_until_round`` (:func:`round_loss_weights`)."""
     from date_core.adapt import round_loss_weights
 
-    out = copy.deepcopy(dict(cfg))
+    out = to_dict(cfg)
     if r > 0 and cfg["adapt"].get("round_train"):
         out["train"].update(cfg["adapt"]["round_train"])
     out["loss"] = round_loss_weights(cfg["loss"], cfg["adapt"], r)
-    return out
+    return typed(out)
 
 
 def alignment_terms(cfg: Mapping[str, Any]) -> list[str]:

@@ -24,7 +24,6 @@ Ray starts. A ``schedule`` key (``adapt.keep_schedule``) is swept by its ``.star
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -34,6 +33,7 @@ import numpy as np
 from date_core.config import load_yaml, set_value
 from date_core.config_schema import ConfigError, Key, Section, check, lookup
 from date_core.evaluation.metrics import METRIC_NAMES
+from date_core.config_types import to_dict
 
 #: distribution name -> what its argument is
 DISTRIBUTIONS = {"loguniform": "[low, high], low > 0", "uniform": "[low, high]", "randint": "[low, high) integers",
@@ -147,7 +147,7 @@ def param_space(space: Space) -> dict[str, Any]:
 def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], where: str = "trial") -> dict[str, Any]:
     """A trial's full config: ``base`` with the sampled ``params`` set (schedules built from their
     start and end), checked again by the schema."""
-    cfg = copy.deepcopy(dict(base))
+    cfg = to_dict(base)
     schedules: dict[str, dict[str, float]] = {}
     for key, value in params.items():
         head, _, tail = key.rpartition(".")

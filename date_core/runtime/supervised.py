@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from date_core.config_types import to_dict
 from date_core.evaluation.evaluate import evaluate_split, samples_in_pixels
 from date_core.evaluation.figures import prediction_grid, recall_plot
 from date_core.runtime import session, tracking
@@ -107,7 +108,7 @@ def _log_figures(cfg: Mapping[str, Any], run_id: str, model_dir: Path, out_dir: 
     figs.mkdir(parents=True, exist_ok=True)
     prediction_grid(images, queries, true_px, pred_px, figs / "val_predictions.png")
     recall_plot({f"{data['source_domain']}_{data['val_split']}": ev.recall_at}, figs / "val_recall_at_k.png")
-    (figs / "config.yaml").write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+    (figs / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifacts(str(figs))

@@ -18,7 +18,6 @@ round (their ``pgda_state.json``; the small Tune checkpoint says which rounds Tu
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from date_core.data import storage
 from date_core.runtime import tracking
 from date_core.runtime.space import Space, param_space, trial_config
 from date_core.evaluation.selection import PROXY, TARGET_VAL, spearman
+from date_core.config_types import to_dict
 
 SELECT_BY = (TARGET_VAL, PROXY)
 PROXY_METRIC = f"{PROXY}/reliability"
@@ -95,7 +95,7 @@ def fit_trials(cfg: Mapping[str, Any], space: Space, cluster_cpus: float) -> dic
     if label > trainer + data + 1e-9:
         raise SweepError(f"a trial's labelling actor asks for adapt.label_cpus={label:g} CPU, more than the "
                          f"{trainer + data:g} its training hands back; lower adapt.label_cpus")
-    out = copy.deepcopy(dict(cfg))
+    out = to_dict(cfg)
     out["runtime"]["data_cpus"] = round(data, 4)
     return out
 

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from date_core.config import flatten
 from date_core.runtime.seeker_pyfunc import CHECKPOINT_KEY
+from date_core.config_types import to_dict
 
 RUN_NAME_TAG = "date.run_name"
 STAGE_TAG = "date.stage"
@@ -101,7 +102,7 @@ def log_config(run_id: str, cfg: Mapping[str, Any], uri: str | None = None) -> N
     client = _client(uri)
     if client.get_run(run_id).data.params:
         return
-    client.log_dict(run_id, dict(cfg), "config.yaml")
+    client.log_dict(run_id, to_dict(cfg), "config.yaml")
     params = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg).items())]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
