@@ -18,7 +18,6 @@ beside it is ignored there): ``model.init_from=models:/<name>/<version>`` starts
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +27,7 @@ import torch
 
 from date_core.runtime import session, tracking
 from date_core.runtime.budget import StreamBudgets, reserve_streams
+from date_core.runtime.loop import LoopHooks, LoopPlan, eta_line, run_epochs
 from date_core.runtime.scratch import scratch_dir
 from date_core.runtime.supervised import StageResult
 from date_core.runtime.trainer import (MODEL_DIR, TRAIN_STATE, _Tracker, build_trainer, checkpoint_model_dir,
@@ -132,50 +132,28 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     generator = torch.Generator().manual_seed(int(tcfg["seed"]) * 1000 + rank + 7919 * start_step)
     train_shard = ray.train.get_dataset_shard("train")
 
-    t0 = t_first = time.time()
-    last_log: dict[str, float] = {}
-    micro = 0
-    while state["step"] < total_steps:
-        skip = state["batch_in_epoch"]
-        batches = stream_watch("train", train_shard.iter_torch_batches(
-            batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs,
-            local_shuffle_seed=int(tcfg["seed"]) + state["epoch"]), cfg["runtime"])
-        for i, batch in enumerate(batches):
-            if i < skip:
-                continue
-            if state["batch_in_epoch"] >= steps_per_epoch * accum or state["step"] >= total_steps:
-                break
-            logs = pretrain_step(pretrainer, criterion, batch, optimizer, scheduler, generator=generator,
-                                 grad_accum=accum, micro_step=micro, autocast_dtype=autocast, device=device)
-            micro += 1
-            if micro == 1:
-                t_first = time.time()
-            state["batch_in_epoch"] += 1
-            if not logs["stepped"]:
-                continue
-            state["step"] += 1
-            last_log = {f"pretrain/{k}": v for k, v in logs.items() if k != "stepped"}
-            if micro > 1:
-                last_log["pretrain/samples_per_s"] = (micro - 1) * bs / max(time.time() - t_first, 1e-9)
-            if rank == 0 and state["step"] % int(tcfg["log_every"]) == 0:
-                tracker.log(last_log, state["step"])
-                rate = (state["step"] - start_step) / max(1e-6, time.time() - t0)
-                print(f"[pretrain] step {state['step']}/{total_steps} "
-                      + " ".join(f"{k} {v:.3f}" for k, v in logs.items() if k.startswith("loss/"))
-                      + f" {rate:.2f} steps/s ETA {(total_steps - state['step']) / max(rate, 1e-6) / 60:.1f} min",
-                      flush=True)
-            if state["step"] % int(tcfg["checkpoint_every"]) == 0 and state["step"] < total_steps:
-                _report(pretrainer, optimizer, scheduler, tokenizer, state, rank,
-                        {**last_log, "step": state["step"], "start_step": start_step})
-        state["epoch"] += 1
-        state["batch_in_epoch"] = 0
-        metrics = {**last_log, "step": state["step"], "epoch": state["epoch"], "start_step": start_step}
+    def step(batch, micro: int) -> dict[str, float]:
+        return pretrain_step(pretrainer, criterion, batch, optimizer, scheduler, generator=generator,
+                             grad_accum=accum, micro_step=micro, autocast_dtype=autocast, device=device)
+
+    def progress(state: dict, logs: dict, rate: float) -> None:
+        losses = " ".join(f"{k} {v:.3f}" for k, v in logs.items() if k.startswith("loss/"))
+        print(eta_line("pretrain", state, total_steps, rate, losses), flush=True)
+
+    def epoch_end(state: dict, metrics: dict) -> dict:
         if rank == 0:
             tracker.log(metrics, state["step"])
             print(f"[pretrain] epoch {state['epoch']}/{epochs} step {state['step']}/{total_steps}", flush=True)
+        return metrics
+
+    def save(state: dict, metrics: dict) -> None:
         _report(pretrainer, optimizer, scheduler, tokenizer, state, rank, metrics)
-        if state["epoch"] >= epochs:
-            break
+
+    plan = LoopPlan(total_steps, steps_per_epoch, epochs, bs, accum, int(tcfg["seed"]), int(tcfg["log_every"]),
+                    int(tcfg["checkpoint_every"]))
+    run_epochs(train_shard, LoopHooks(step, progress, epoch_end, save), plan, state, start_step=start_step,
+               rank=rank, tracker=tracker, prefix="pretrain",
+               watch=lambda name, it: stream_watch(name, it, cfg["runtime"]))
 
 
 # ----------------------------------------------------------------------------- driver

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -33,6 +32,7 @@ from date_core.data import storage
 from date_core.training.engine import autocast_dtype
 from date_core.runtime.budget import StreamBudgets
 from date_core.runtime.dataio import count_rows, read_pairs, to_model_batches
+from date_core.runtime.loop import LoopHooks, LoopPlan, eta_line, run_epochs
 from date_core.runtime.scratch import scratch_dir
 from date_core.text import load_tokenizer
 
@@ -219,47 +219,24 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                                    rcfg)
 
     tag = loop_cfg.get("tag", "val")
-    t0, last_log, t_first = time.time(), {}, time.time()
-    micro = 0
-    while state["step"] < total_steps:
-        skip = state["batch_in_epoch"]
-        batches = stream_watch("train", train_shard.iter_torch_batches(
-            batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs,
-            local_shuffle_seed=int(tcfg["seed"]) + state["epoch"]), rcfg)
-        for i, batch in enumerate(batches):
-            if i < skip:  # data position: the batches this epoch already trained on
-                continue
-            if state["batch_in_epoch"] >= steps_per_epoch * accum or state["step"] >= total_steps:
-                break
-            logs = adaptation_step(model, criterion, batch, optimizer, scheduler,
-                              target_batch=next(target_iter) if target_iter is not None else None,
-                              aligner=aligner, teacher=teacher, progress=state["step"] / total_steps,
-                              grad_accum=accum, micro_step=micro, zoom_out=zoom_settings(tcfg),
-                              strong_aug=bool(cfg["adapt"]["strong_aug"]),
-                              autocast_dtype=autocast, device=device)
-            micro += 1
-            if micro == 1:  # throughput clock starts after the first batch (startup, warm-up)
-                t_first = time.time()
-            state["batch_in_epoch"] += 1
-            if not logs["stepped"]:
-                continue
-            state["step"] += 1
-            last_log = {f"train/{k}": v for k, v in logs.items() if k != "stepped"}
-            if micro > 1:  # pairs per second of this worker since its first batch
-                last_log["train/samples_per_s"] = (micro - 1) * bs / max(time.time() - t_first, 1e-9)
-            if rank == 0 and state["step"] % int(tcfg["log_every"]) == 0:
-                tracker.log(last_log, state["step"])
-                _progress(state, total_steps, start_step, t0, logs)
-            if state["step"] % int(tcfg["checkpoint_every"]) == 0 and state["step"] < total_steps:
-                _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank,
-                        {**last_log, "step": state["step"], "start_step": start_step})
-        state["epoch"] += 1
-        state["batch_in_epoch"] = 0
-        # -- epoch end: validation on rank 0 (the unsplit val set), then a checkpoint
-        metrics = {**last_log, "step": state["step"], "epoch": state["epoch"], "start_step": start_step,
-                   "worker_nodes": ",".join(nodes)}
+    zoom = zoom_settings(tcfg)
+
+    def step(batch, micro: int) -> dict[str, float]:
+        return adaptation_step(model, criterion, batch, optimizer, scheduler,
+                               target_batch=next(target_iter) if target_iter is not None else None,
+                               aligner=aligner, teacher=teacher, progress=state["step"] / total_steps,
+                               grad_accum=accum, micro_step=micro, zoom_out=zoom,
+                               strong_aug=bool(cfg["adapt"]["strong_aug"]), autocast_dtype=autocast, device=device)
+
+    def progress(state: dict, logs: dict, rate: float) -> None:
+        print(eta_line("train", state, total_steps, rate,
+                       f"epoch {state['epoch'] + 1} loss {logs['loss/total']:.3f} lr {logs['lr']:.2e}"), flush=True)
+
+    def epoch_end(state: dict, metrics: dict) -> dict:
+        # validation on rank 0 (the unsplit val set) of the output model: the EMA teacher in
+        # PG-DA rounds, else the student
+        metrics["worker_nodes"] = ",".join(nodes)
         if rank == 0:
-            # the output model is validated: the EMA teacher in PG-DA rounds, else the student
             judged = teacher.model if teacher is not None else getattr(model, "module", model)
             val = evaluate(judged, stream_watch("val", val_shard.iter_torch_batches(batch_size=bs), rcfg),
                            device=device, autocast_dtype=autocast)
@@ -268,9 +245,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             print(f"[train] epoch {state['epoch']}/{epochs} step {state['step']}/{total_steps} "
                   f"{tag}: pg/acc@0.5={val.get('pg/acc@0.5', float('nan')):.3f} "
                   f"pr/R@1={val.get('pr/R@1', float('nan')):.3f}", flush=True)
+        return metrics
+
+    def save(state: dict, metrics: dict) -> None:
         _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank, metrics)
-        if state["epoch"] >= epochs:
-            break
+
+    plan = LoopPlan(total_steps, steps_per_epoch, epochs, bs, accum, int(tcfg["seed"]), int(tcfg["log_every"]),
+                    int(tcfg["checkpoint_every"]))
+    run_epochs(train_shard, LoopHooks(step, progress, epoch_end, save), plan, state, start_step=start_step,
+               rank=rank, tracker=tracker, prefix="train", watch=lambda name, it: stream_watch(name, it, rcfg))
 
 
 def init_model(cfg: Mapping[str, Any], vocab_size: int, source: str | None = None, uri: str | None = None):
@@ -308,14 +291,6 @@ def _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, ran
     with scratch_dir("ckpt") as tmp:  # removed even if this worker is killed mid-report
         ckpt = _save(tmp, model, optimizer, scheduler, aligner, teacher, tokenizer, state, metrics) if rank == 0 else None
         ray.train.report(metrics, checkpoint=ckpt)
-
-
-def _progress(state: dict, total: int, start: int, t0: float, logs: dict) -> None:
-    done = state["step"] - start
-    rate = done / max(1e-6, time.time() - t0)
-    eta = (total - state["step"]) / max(rate, 1e-6)
-    print(f"[train] step {state['step']}/{total} epoch {state['epoch'] + 1} loss {logs['loss/total']:.3f} "
-          f"lr {logs['lr']:.2e} {rate:.2f} steps/s ETA {eta / 60:.1f} min", flush=True)
 
 
 class _Tracker:
