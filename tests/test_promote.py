@@ -157,7 +157,7 @@ def test_racing_promotions_leave_aliases_consistent(registry, pw_dataset):
     assert not client.search_registered_models(f"name='{MODEL}{promotion.LOCK_SUFFIX}'")
 
 
-def test_a_registered_version_loads_as_a_pyfunc_that_embeds_queries(registry):
+def test_a_registered_version_loads_as_a_pyfunc_that_embeds_queries(registry, tmp_path):
     """The registry holds the seeker as code plus its checkpoint (no pickled object): any MLflow
     client loads a version and gets one finite embedding per query, as the signature says."""
     import mlflow
@@ -165,7 +165,8 @@ def test_a_registered_version_loads_as_a_pyfunc_that_embeds_queries(registry):
     import pandas as pd
 
     _, v = registry
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{v['best']}")
+    # dst_path: without it MLflow downloads the version into a temporary folder it never removes
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{v['best']}", dst_path=str(tmp_path))
     assert [c.name for c in model.metadata.signature.inputs.inputs] == ["query"]
     out = model.predict(pd.DataFrame({"query": ["red running shoe", "blue handbag", "red running shoe"]}))
     assert out.shape[0] == 3 and out.ndim == 2 and np.isfinite(out).all()
