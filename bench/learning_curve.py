@@ -10,8 +10,9 @@ optimiser steps on ProductWorld ``mall`` rows, single process on the CPU.
 Rows are rendered by ``date_core.data.productworld``, turned into batches by the data layer's
 ``BatchTransform`` (letterbox at the preset's image size; the pretrained text encoder's own
 tokenizer, or a WordPiece trained on the training queries for presets built from scratch) once,
-cached under ``bench/_work/``, then trained with ``date_core.adapt.adaptation_step`` (the step
-``train.py``'s workers run, with the default config's scale augmentation). Evaluation
+cached under ``bench/_work/``, then trained step by step by the round engine that ``train.py``'s
+workers run (:class:`date_core.adapt.round.RoundEngine`: the config's criterion, optimiser,
+warm-up + cosine schedule and step, with the default config's scale augmentation). Evaluation
 time is excluded from the training clock. The machine is shared, so steps are reported beside
 seconds.
 """
@@ -29,10 +30,9 @@ import torch
 from _common import hardware_string, markdown_table, write_result
 
 from date_core import build_model
-from date_core.adapt import adaptation_step, zoom_settings
-from date_core.config import default_config
-from date_core.training.engine import PRECISIONS, autocast_dtype, build_optimizer, build_scheduler, evaluate
-from date_core.training.losses import DateCriterion
+from date_core.adapt.round import RoundEngine
+from date_core.config import resolve_config
+from date_core.training.engine import PRECISIONS, autocast_dtype, evaluate
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,21 +114,22 @@ def run(name: str, preset: str, overrides: dict, weights: dict, train, val, tok,
     model = build_model(preset, vocab_size=len(tok), max_text_len=args.max_len, **overrides)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    crit = DateCriterion(weights)
-    opt = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05, "encoder_lr_mult": args.encoder_lr_mult})
-    sched = build_scheduler(opt, args.warmup, args.planned_steps, min_lr_ratio=0.05)
-    rng = np.random.default_rng(args.seed)
-    # the training step train.py runs: the default config's scale augmentation unless --no-zoom
-    zoom = None if args.no_zoom else zoom_settings(default_config()["train"])
+    # the criterion, optimiser, schedule and step train.py's workers build from the config
+    # (the default config's scale augmentation unless --no-zoom)
+    sets = [f"train.lr={args.lr}", f"train.encoder_lr_mult={args.encoder_lr_mult}", f"train.warmup_steps={args.warmup}",
+            f"train.max_steps={args.planned_steps}", f"train.precision={args.precision}"]
+    sets += [f"loss.{k}={v}" for k, v in weights.items()] + (["train.zoom_out=null"] if args.no_zoom else [])
     amp = autocast_dtype("cpu", args.precision)  # train.precision on this CPU (evaluation stays float32)
+    engine = RoundEngine.build(resolve_config(None, sets), model, args.planned_steps, target=False, align=False,
+                               autocast_dtype=amp, gather=False)
+    rng = np.random.default_rng(args.seed)
     curve, step, train_s = [], 0, 0.0
     next_eval = 0.0
     stop = min(args.planned_steps, args.stop_at_step or args.planned_steps)
     while train_s < args.minutes * 60 and step < stop:
         for batch in batches(train, args.batch_size, rng):
             t0 = time.perf_counter()
-            adaptation_step(model, crit, batch, opt, sched, max_grad_norm=args.clip, zoom_out=zoom,
-                            autocast_dtype=amp)
+            engine.step(batch, None, 0)
             train_s += time.perf_counter() - t0
             step += 1
             by_steps = args.eval_every_steps and step % args.eval_every_steps == 0
@@ -165,7 +166,6 @@ def main() -> None:
     ap.add_argument("--eval-every-s", type=float, default=60.0)
     ap.add_argument("--eval-every-steps", type=int, default=0, help="evaluate by steps instead of seconds")
     ap.add_argument("--max-len", type=int, default=24)
-    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (train_step's max_grad_norm)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="train.precision of the training step (auto = float32 on a CPU; bf16 pays off where "

@@ -2,7 +2,8 @@
 
 Ingests the shared VOC folder with the project's own ``prepare voc`` (deterministic split by a
 hash of the image id: train 0.8 / val 0.1 / test 0.1), trains a preset from scratch on the
-train split through the library's training step, and reports on the val split:
+train split as ``train.py`` does (the config's round engine, loop skeleton, transform and
+augmentation: :func:`date_core.adapt.round.train_round`, in-process), and reports on the val split:
 
   PG  Acc@0.5 / mIoU: the predicted box is right when it overlaps any box of the image's class
   PR  R@1 / R@5: the class phrase ("a pack of coffee") against the gallery of val images,
@@ -15,9 +16,8 @@ beside the baselines in the same run:
   whole image     the box covering the image
   random ranking  the retrieval metrics of random embeddings (mean over 20 draws)
 
-    python bench/real_groceries.py                 # tiny preset, 10 minutes of training
-    python bench/real_groceries.py --minutes 3     # shorter
-    python bench/real_groceries.py --preset small --minutes 30
+    python bench/real_groceries.py                 # tiny preset, 1,500 steps
+    python bench/real_groceries.py --steps 300     # shorter
     python bench/real_groceries.py --preset lite --steps 850 --threads 1 --name real_groceries_lite
 
 Skips (exit 0, with the reason) when ``../shared/data/freiburg_groceries_voc`` is absent.
@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 from _common import markdown_table, write_result
-from pgda_ablation import batches, encode, hflip, take
+from pgda_ablation import batches, encode
 from date_core import batch as B
-from date_core import build_model
+from date_core.adapt.round import train_round
+from date_core.config import resolve_config
 from date_core.data.io import read_table
 from date_core.data.transforms import BatchTransform
-from date_core.training.engine import build_optimizer, build_scheduler, evaluate, train_step
-from date_core.training.losses import build_criterion
-from date_core.config import default_config
+from date_core.model import resolve_model_config
+from date_core.training.engine import evaluate
 from date_core.evaluation.metrics import grounding_metrics, retrieval_metrics
 from date_core.text import load_tokenizer
 
@@ -58,11 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", default=str(ROOT / "bench" / "_work" / "groceries"),
                     help="prepared dataset folder (made with 'prepare voc' when missing)")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget")
-    ap.add_argument("--steps", type=int, default=3000, help="cosine schedule length (and step cap)")
+    ap.add_argument("--steps", type=int, default=1500, help="optimiser steps (train.max_steps; the cosine schedule's length)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eval-every-s", type=float, default=120.0, help="val evaluation interval")
+    ap.add_argument("--eval-every", type=int, default=250, help="val evaluation every N optimiser steps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="real_groceries", help="result name (bench/results/<name>.json)")
@@ -113,32 +112,28 @@ def random_ranking(val: dict, draws: int = 20) -> dict:
     return {"method": "random ranking", "PG Acc@0.5": None, "mIoU": None, "R@1": acc["pr/R@1"], "R@5": acc["pr/R@5"]}
 
 
-def train(data: dict, vocab: int, max_len: int, args) -> tuple[dict, list[dict], int, float]:
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    model = build_model(args.preset, vocab_size=vocab, max_text_len=max_len)
-    criterion = build_criterion(dict(default_config()["loss"]), gather=False)
-    optimizer = build_optimizer(model, {"lr": args.lr, "weight_decay": 0.05, "encoder_lr_mult": 1.0})
-    scheduler = build_scheduler(optimizer, warmup_steps=max(1, args.steps // 20), total_steps=args.steps,
-                                min_lr_ratio=0.05)
-    n = data["train"][B.PAIR_KEY].shape[0]
-    curve, step, train_s, next_eval = [], 0, 0.0, args.eval_every_s
-    budget = args.minutes * 60
-    while step < args.steps and train_s < budget:
-        t = time.perf_counter()
-        batch = hflip(take(data["train"], rng.choice(n, args.batch_size, replace=False)), rng)
-        logs = train_step(model, criterion, batch, optimizer, scheduler)
-        train_s += time.perf_counter() - t
-        step += 1
-        if train_s >= next_eval or train_s >= budget or step >= args.steps:
-            m = evaluate(model, batches(data["val"], 128))
-            curve.append({"step": step, "train_min": round(train_s / 60, 2), "acc@0.5": m["pg/acc@0.5"],
+def train(tables: dict, val: dict, tok, args) -> tuple[dict, list[dict], int, float]:
+    """The supervised stage's training (train.py's workers), in-process: the config's engine and
+    loop over the train rows, ``--steps`` optimiser steps, val evaluated every ``--eval-every``."""
+    cfg = resolve_config(None, [f"model.preset={args.preset}", f"train.lr={args.lr}", f"train.batch_size={args.batch_size}",
+                                f"train.seed={args.seed}", f"train.max_steps={args.steps}"])
+    curve, t0, clock = [], time.perf_counter(), {"eval_s": 0.0}
+
+    def on_step(engine, logs) -> None:
+        done = engine.steps_done
+        if logs["stepped"] and (done % args.eval_every == 0 or done == engine.total_steps):
+            t = time.perf_counter()
+            m = evaluate(engine.output, batches(val, 128))
+            clock["eval_s"] += time.perf_counter() - t
+            train_min = (time.perf_counter() - t0 - clock["eval_s"]) / 60
+            curve.append({"step": done, "train_min": round(train_min, 2), "acc@0.5": m["pg/acc@0.5"],
                           "mIoU": m["pg/mIoU"], "R@1": m["pr/R@1"], "R@5": m["pr/R@5"]})
-            print(f"  step {step} ({train_s / 60:.1f} min) loss {logs['loss/total']:.3f} | val " +
-                  " ".join(f"{k}={v:.3f}" for k, v in curve[-1].items() if k not in ("step", "train_min")),
-                  flush=True)
-            next_eval += args.eval_every_s
-    return evaluate(model, batches(data["val"], 128)), curve, step, train_s
+            print(f"  step {done} ({train_min:.1f} min) loss {logs['loss/total']:.3f} | val " +
+                  " ".join(f"{k}={v:.3f}" for k, v in curve[-1].items() if k not in ("step", "train_min")), flush=True)
+
+    engine = train_round(cfg, len(tok), tables["train"], None, tok, on_step=on_step)
+    train_s = time.perf_counter() - t0 - clock["eval_s"]
+    return evaluate(engine.output, batches(val, 128)), curve, engine.steps_done, train_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.data)
     prepare(voc, out_dir)
     tok = load_tokenizer(out_dir / "tokenizer")
-    max_len = 16
-    size = build_model(args.preset, vocab_size=len(tok), max_text_len=max_len).config.image_size
-    transform = BatchTransform(tok, size, max_len, train=False)
+    model_cfg = resolve_model_config(args.preset)
+    size = model_cfg.image_size
+    transform = BatchTransform(tok, size, model_cfg.max_text_len, train=False)
     tables = {s: read_table(str(out_dir), DOMAIN, s) for s in ("train", "val")}
     data = {s: encode(t, transform) for s, t in tables.items()}
     sizes = {s: int(d[B.PAIR_KEY].shape[0]) for s, d in data.items()}
@@ -162,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data ({time.perf_counter() - t0:.0f}s): {sizes} pairs, {classes} classes, {size}px", flush=True)
 
     rows = constant_box_baselines(data["train"], data["val"]) + [random_ranking(data["val"])]
-    final, curve, steps, train_s = train(data, len(tok), max_len, args)
+    final, curve, steps, train_s = train(tables, data["val"], tok, args)
     rows.append({"method": f"DATE {args.preset}, {steps} steps ({train_s / 60:.1f} min)",
                  "PG Acc@0.5": final["pg/acc@0.5"], "mIoU": final["pg/mIoU"],
                  "R@1": final["pr/R@1"], "R@5": final["pr/R@5"]})

@@ -89,6 +89,9 @@ _TRAIN = {
     "max_steps": Key(Optional[int], "stop after this many optimiser steps (overrides epochs)"),
     "checkpoint_every": Key(int, "optimiser steps between checkpoints (also one per epoch end)"),
     "seed": Key(int, "random seed"),
+    "shuffle": Key(bool, "a new pair order every epoch (files, then a local buffer of 4 batches); false reads "
+                         "in file order"),
+    "augment": Key(bool, "the data transform's training augmentation: horizontal flip and colour jitter"),
     "log_every": Key(int, "steps between progress lines and metric logs"),
     "precision": Key(Literal["auto", "bf16", "fp32"], "autocast: auto = bf16 on a GPU, float32 on a CPU; "
                      "bf16 = also on a CPU (faster where it has AMX); fp32 = never"),

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from date_core import batch as B
-from date_core.adapt import (attach_pseudo_boxes, build_pseudo_labels, build_views, kept_fraction, predict_views,
-                             retrieval_hits, score_and_select)
+from date_core.adapt import (build_pseudo_labels, build_views, join_pseudo, kept_fraction, predict_views, pseudo_lookup,
+                             pseudo_table, retrieval_hits, score_and_select)
 from date_core.boxes import cxcywh_to_xyxy
 from date_core.imaging import Letterbox, PAD_VALUE, to_pixel_values, xyxy_pixels_to_letterbox_cxcywh
 
@@ -177,20 +177,28 @@ def test_a_round_that_keeps_nothing_gives_empty_labels_and_no_targets():
             B.ORIG_SIZE: np.full((3, 2), 100.0, np.float32)}
     labels = build_pseudo_labels(pred, np.zeros(3, np.float32), np.zeros(3, bool), round_index=0)
     assert all(v.shape[0] == 0 for v in labels.values()) and labels["box_xyxy"].shape == (0, 4)
-    out = attach_pseudo_boxes({B.PAIR_KEY: torch.tensor([1, 2])}, labels)
-    assert out[B.HAS_BOX].sum() == 0
+    pred.update(agreement=np.ones(3, np.float32), confidence=np.ones(3, np.float32),
+                pair_id=np.array(["a", "b", "c"], dtype=object))
+    table = pseudo_table(pred, np.zeros(3, np.float32), np.zeros(3, bool), labels, 0)
+    assert table.num_rows == 3 and table["box"].null_count == 3 and pseudo_lookup(table) == {}
+    rows = join_pseudo({"pair_id": np.array(["a", "b"], dtype=object)}, pseudo_lookup(table))
+    assert np.isnan(rows["box"]).all() and rows["box_weight"].tolist() == [0.0, 0.0]
 
 
-def test_attach_pseudo_boxes_sets_targets_only_for_labelled_pairs():
-    batch = {B.PAIR_KEY: torch.tensor([11, 12, 13]), B.BOXES: torch.ones(3, 4), B.HAS_BOX: torch.ones(3),
-             B.BOX_WEIGHT: torch.ones(3), B.ALT_MASK: torch.ones(3, 2)}
-    labels = {"pair_key": np.array([13, 11]), "box": np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]),
-              "box_weight": np.array([0.25, 1.0])}
-    out = attach_pseudo_boxes(batch, labels)
-    assert out[B.HAS_BOX].tolist() == [1.0, 0.0, 1.0]
-    assert out[B.BOX_WEIGHT].tolist() == [1.0, 0.0, 0.25]
-    assert torch.allclose(out[B.BOXES][2], torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    assert out[B.ALT_MASK].sum() == 0 and batch[B.HAS_BOX].sum() == 3  # input untouched
+def test_the_pseudo_table_holds_what_build_pseudo_labels_made_and_joins_by_pair_id():
+    pred = {"box": np.array([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.2, 0.1], [0.6, 0.5, 0.4, 0.4]], np.float32),
+            B.PAIR_KEY: np.array([11, 12, 13]), B.ORIG_SIZE: np.array([[200, 100], [100, 100], [50, 80]], np.float32),
+            "pair_id": np.array(["a", "b", "c"], dtype=object), "agreement": np.array([0.9, 0.1, 0.5], np.float32),
+            "confidence": np.array([0.7, 0.2, 0.6], np.float32)}
+    rel, keep = np.array([0.8, 0.2, 0.4], np.float32), np.array([True, False, True])
+    labels = build_pseudo_labels(pred, rel, keep, round_index=1)
+    table = pseudo_table(pred, rel, keep, labels, 1)
+    assert table["kept"].to_pylist() == [True, False, True] and table["box"][1].as_py() is None
+    np.testing.assert_allclose(np.array(table["box"].to_pylist()[2]), labels["box_xyxy"][1])  # not recomputed
+    assert table["box_weight"].to_pylist() == [1.0, 0.0, 0.5] and table["round"].to_pylist() == [1, 1, 1]
+    rows = join_pseudo({"pair_id": np.array(["c", "b", "z"], dtype=object)}, pseudo_lookup(table))
+    np.testing.assert_allclose(rows["box"][0], labels["box_xyxy"][1])
+    assert np.isnan(rows["box"][1:]).all() and rows["box_weight"].tolist() == [0.5, 0.0, 0.0]
 
 
 def test_predict_views_with_the_real_tiny_model():

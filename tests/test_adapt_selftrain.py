@@ -38,7 +38,8 @@ def test_ema_decay_follows_the_run_length_or_the_config():
 
 def test_alignment_waits_for_its_round_and_the_pipeline_rounds_follow():
     from date_core.config import default_config
-    from date_core.runtime.pgda import _round_cfg, alignment_terms, describe_round
+    from date_core.adapt.round import round_config
+    from date_core.runtime.pgda import alignment_terms, describe_round
 
     weights = {"retrieval": 1.0, "box_l1": 5.0, "pseudo_box_focus": 0.5, "align_marginal_image": 0.3,
                "align_conditional": 1.0, "adversarial": 0.1}
@@ -60,7 +61,7 @@ def test_alignment_waits_for_its_round_and_the_pipeline_rounds_follow():
     cfg = default_config()
     cfg["loss"]["align_conditional"] = 1.0
     cfg["adapt"]["align_from_round"] = 1
-    assert alignment_terms(_round_cfg(cfg, 0)) == [] and alignment_terms(_round_cfg(cfg, 1)) == ["align_conditional"]
+    assert alignment_terms(round_config(cfg, 0)) == [] and alignment_terms(round_config(cfg, 1)) == ["align_conditional"]
     assert "align" not in describe_round(cfg, 0) and "align (mmd: conditional)" in describe_round(cfg, 1)
     assert cfg["loss"]["align_conditional"] == 1.0                 # the job's own config is left alone
 

@@ -143,3 +143,20 @@ def test_ray_tasks_and_epochs_get_different_augmentations(tok, ray_module):
     per_task = {tuple(f1[8 * k:8 * k + 8]) for k in range(4)}
     assert len(per_task) > 1, "every task repeated the same flips"
     assert not np.array_equal(f1, f2), "the second epoch repeated the first"
+
+
+def test_an_own_counter_makes_an_in_process_run_independent_of_what_ran_before(tok):
+    """The benchmark's transforms count their own calls: the same seed gives the same flips
+    whatever other transforms did in the process before, and still new flips every epoch."""
+    rows = to_numpy_batch(_table())
+
+    def epochs(t: BatchTransform) -> list[list[float]]:
+        return [t(rows)[B.BOXES][:, 0].tolist() for _ in range(2)]
+
+    first = epochs(BatchTransform(tok, SIZE, 8, train=True, seed=5, own_counter=True))
+    for _ in range(3):  # other work in the process moves the shared counter
+        BatchTransform(tok, SIZE, 8, train=True, seed=5)(rows)
+    assert epochs(BatchTransform(tok, SIZE, 8, train=True, seed=5, own_counter=True)) == first
+    assert first[0] != first[1]                     # two epochs of one instance still differ
+    shared = [BatchTransform(tok, SIZE, 8, train=True, seed=5)(rows)[B.BOXES][:, 0].tolist() for _ in range(2)]
+    assert shared[0] != shared[1]                   # without it, the process history decides

@@ -1,5 +1,5 @@
-"""The adaptation benchmark runs every row, the control included, through the library's
-self-training step (a smoke run of bench/pgda_ablation.py on a few rendered images)."""
+"""The adaptation benchmark runs every row, the control included, through the pipeline's round
+engine (a smoke run of bench/pgda_ablation.py on a few rendered images)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from date_core.adapt.round import RoundEngine
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -17,18 +19,18 @@ def test_quick_ablation_runs_every_row_with_the_control(tmp_path, monkeypatch):
     import pgda_ablation
 
     calls = []
-    real_step = pgda_ablation.adaptation_step
+    real_step = RoundEngine.step
 
-    def counting_step(*args, **kwargs):
-        calls.append(kwargs.get("target_batch") is not None)
-        return real_step(*args, **kwargs)
+    def counting_step(engine, batch, target_batch, micro_step):
+        calls.append(target_batch is not None)
+        return real_step(engine, batch, target_batch, micro_step)
 
-    monkeypatch.setattr(pgda_ablation, "adaptation_step", counting_step)
+    monkeypatch.setattr(RoundEngine, "step", counting_step)
     out = pgda_ablation.main(["--quick", "--threads", "1", "--name", "quick", "--results-dir", str(tmp_path)])
     rows = out["benchmarks"]["productworld"]["rows"]
     assert list(rows) == list(pgda_ablation.ROWS)          # the control row target_pairs included
     assert all(len(v["acc@0.5"]) == 1 for v in rows.values())
-    # every row x 6 steps, all through adaptation_step; every row but source_only carries target pairs
+    # every row x 6 steps, all through the round engine; every row but source_only carries target pairs
     n = len(pgda_ablation.ROWS)
     assert len(calls) == n * 6 and sum(calls) == (n - 1) * 6
     control = [r for r in out["runs"] if r["row"] == "target_pairs"][0]
@@ -47,14 +49,14 @@ def test_late_alignment_labels_as_pseudo_only_and_aligns_only_after(tmp_path, mo
     import pgda_ablation
 
     aligned = []
-    real_step = pgda_ablation.adaptation_step
+    real_step = RoundEngine.step
 
-    def recording_step(*args, **kwargs):
-        if kwargs.get("aligner") is not None or aligned:
-            aligned.append(kwargs.get("aligner") is not None)
-        return real_step(*args, **kwargs)
+    def recording_step(engine, batch, target_batch, micro_step):
+        if engine.aligner is not None or aligned:
+            aligned.append(engine.aligner is not None)
+        return real_step(engine, batch, target_batch, micro_step)
 
-    monkeypatch.setattr(pgda_ablation, "adaptation_step", recording_step)
+    monkeypatch.setattr(RoundEngine, "step", recording_step)
     out = pgda_ablation.main(["--quick", "--threads", "1", "--rows", "pseudo_only,full_date", "--name", "late",
                               "--set", "adapt.align_from_round=1", "--results-dir", str(tmp_path)])
     runs = {r["row"]: r for r in out["runs"]}

@@ -1,9 +1,9 @@
 """End to end: a pseudo box reaches the loss in the frame of the pixels it trains on.
 
 Self-training labels the unaugmented, letterboxed target image, but the student trains on another
-copy: in the benchmark the same tensors flipped and zoomed out; in the Ray pipeline the pseudo box
-goes to original pixels, through Parquet, is joined to the raw row by ``pair_id``, and the image is
-decoded again with a random flip, then zoomed out. If any step put the box in another frame than
+copy: the pseudo box goes to original pixels (the round's table, Parquet in the pipeline), is
+joined to the raw row by ``pair_id``, and the image is decoded again with a random flip, then
+zoomed out; the Ray pipeline and the benchmark share this one path. If any step put the box in another frame than
 the pixels, the pseudo term would teach the seeker to look beside the product while the labels
 still measured right. The teacher here finds a bright rectangle exactly, so on the augmented
 pixels it must find the attached pseudo box again.
@@ -11,8 +11,6 @@ pixels it must find the attached pseudo box again.
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ import torch
 from PIL import Image
 
 from date_core import batch as B
-from date_core.adapt import attach_pseudo_boxes, build_views, label_target_set
+from date_core.adapt import build_views, label_target_set
 from date_core.adapt.views import random_zoom_out
 from date_core.boxes import box_iou, cxcywh_to_xyxy
 from date_core.data.transforms import BatchTransform
@@ -86,27 +84,12 @@ def test_the_labels_are_right_on_the_unaugmented_images(setup):
     assert (iou > 0.9).all(), iou
 
 
-def test_benchmark_path_attach_flip_zoom_keeps_box_and_pixels_together(setup, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    sys.modules.pop("pgda_ablation", None)
-    from pgda_ablation import hflip
-
-    _, _, model, batch = setup
-    labels = _label(model, batch).labels
-    hidden = {k: torch.from_numpy(v) for k, v in batch.items()}
-    hidden[B.BOXES], hidden[B.HAS_BOX] = torch.zeros_like(hidden[B.BOXES]), torch.zeros_like(hidden[B.HAS_BOX])
-    tgt = hflip(attach_pseudo_boxes(hidden, labels), np.random.default_rng(1))
-    flipped = ~torch.isclose(tgt[B.BOXES][:, 0], torch.from_numpy(labels["box"][:, 0]))
-    assert 0 < int(flipped.sum()) < flipped.numel()         # both kinds of pair are checked
-    tgt = random_zoom_out(tgt, [0.6, 0.9], prob=1.0, generator=torch.Generator().manual_seed(0))
-    assert tgt[B.HAS_BOX].sum() == len(labels["pair_key"])
-    iou = _found_again(model, tgt)
-    assert (iou > 0.8).all(), iou
-
-
-def test_ray_path_parquet_join_redecode_flip_zoom_keeps_box_and_pixels_together(setup):
+def test_table_join_redecode_flip_zoom_keeps_box_and_pixels_together(setup):
+    """The one path of both the Ray pipeline and the benchmark: the round's table (original
+    pixels), joined to the raw rows by ``pair_id``, decoded again with a random flip, zoomed out."""
     pytest.importorskip("ray")
-    from date_core.runtime.labeling import TargetLabeler, _join_pseudo, pseudo_table
+    from date_core.adapt import join_pseudo, pseudo_lookup
+    from date_core.runtime.labeling import TargetLabeler
 
     rows, tok, model, _ = setup
     # The real actor's __call__ (decode, views, pair_id); only its model loading is skipped.
@@ -115,14 +98,12 @@ def test_ray_path_parquet_join_redecode_flip_zoom_keeps_box_and_pixels_together(
     labeler.consensus, labeler.sensitivity, labeler.focus_zoom = "median", False, None
     from date_core.adapt.selftrain import select_round
 
-    table = pseudo_table(select_round(labeler(dict(rows)), 0, ADAPT))
-    lookup = {pid: (box, w) for pid, box, w in zip(table["pair_id"].to_pylist(), table["box"].to_pylist(),
-                                                  table["box_weight"].to_pylist())}
+    lookup = pseudo_lookup(select_round(labeler(dict(rows)), 0, ADAPT).table())
     hidden = {k: v for k, v in rows.items() if k != "box"}  # as target_with_pseudo reads them
-    joined = _join_pseudo(dict(hidden), {k: v for k, v in lookup.items() if k != "p3"})  # p3: not kept
+    joined = join_pseudo(dict(hidden), {k: v for k, v in lookup.items() if k != "p3"})  # p3: not kept
     assert joined["box"].dtype == np.float32 and np.isnan(joined["box"][3]).all()
     assert BatchTransform(tok, S, L, train=False)(joined)[B.HAS_BOX].tolist() == [1.0] * 3 + [0.0] + [1.0] * 4
-    joined = _join_pseudo(hidden, lookup)
+    joined = join_pseudo(hidden, lookup)
     train = BatchTransform(tok, S, L, train=True, hflip_prob=0.5, jitter=0.0, seed=3)(joined)
     assert train[B.HAS_BOX].sum() == len(rows["pair_id"])
     plain = BatchTransform(tok, S, L, train=False)(rows)
@@ -138,7 +119,8 @@ def test_a_box_in_the_wrong_frame_is_caught(setup):
     """The check itself can fail: the unflipped pseudo box on flipped pixels misses."""
     _, _, model, batch = setup
     labels = _label(model, batch).labels
-    tgt = attach_pseudo_boxes({k: torch.from_numpy(v) for k, v in batch.items()}, labels)
+    tgt = {k: torch.from_numpy(v) for k, v in batch.items()}
+    tgt[B.BOXES] = torch.from_numpy(labels["box"])        # the labels' own frame: letterboxed, unflipped
     tgt[B.PIXEL_VALUES] = tgt[B.PIXEL_VALUES].flip(-1)
     assert (_found_again(model, tgt) < 0.1).all()
     assert PAD_VALUE < 200                                   # the rectangle, not the padding, is bright

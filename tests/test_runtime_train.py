@@ -89,3 +89,53 @@ def test_rerun_with_same_name_continues(tracked, pw_dataset, tmp_path):
     assert second.run_id == first.run_id           # the same MLflow run continues
     assert second.start_step == 3                  # from the first run's last checkpoint
     assert second.metrics["step"] == 6
+
+
+def test_a_pgda_round_on_ray_and_in_the_benchmark_trains_step_for_step_alike(tracked, pw_dataset, tmp_path):
+    """One round engine, two feeders: the Ray Train worker (Ray Data shards) and the
+    benchmarks' ``train_round`` (in-process shards) run a 20-step round with alignment, an EMA teacher and the
+    zoom-out augmentation from the same seed and data, and log the same loss at every step. The
+    file order (train.shuffle=false) and no transform augmentation (train.augment=false) make
+    the batches comparable; everything else is as a PG-DA round runs."""
+    import functools
+
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from date_core.adapt.round import round_config
+    from date_core.config import with_values
+    from date_core.data import io
+    from date_core.runtime import session, tracking
+    from date_core.runtime.labeling import target_with_pseudo
+    from date_core.runtime.supervised import run_stage
+    from date_core.text import load_tokenizer
+
+    cfg = _cfg(pw_dataset, str(tmp_path / "ray"), max_steps=20, batch_size=4, log_every=1, checkpoint_every=100,
+               shuffle="false", augment="false")
+    cfg = round_config(with_values(cfg, {"loss.align_conditional": 1.0, "loss.align_marginal_image": 0.5}), 0)
+    exp = tracking.setup("test-train")
+    ray_run = run_stage(cfg, "engine-both-ways", stage="pgda-round", experiment_id=exp, register=False,
+                        target=functools.partial(target_with_pseudo, cfg, None), align=True, out_dir=tmp_path / "out")
+    history = MlflowClient(tracking_uri=tracked).get_metric_history(ray_run.run_id, "train/loss/total")
+    by_step = {m.step: m.value for m in history}   # the epoch end logs the last step's loss again
+    assert sorted(by_step) == list(range(1, 21))
+    on_ray = [by_step[k] for k in range(1, 21)]
+
+    from date_core.adapt import target_rows
+    from date_core.adapt.round import train_round
+
+    tok_dir = session.tokenizer_dir(cfg)
+    source = io.read_table(str(pw_dataset), "mall", "train")
+    target = target_rows(io.read_table(str(pw_dataset), "live", "train"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker (runtime.cpus_per_worker 0.5 -> 1 thread)
+    try:
+        in_process = []
+        engine = train_round(cfg, session.vocab_size(tok_dir), source, target, load_tokenizer(tok_dir),
+                             device=torch.device("cpu"), on_step=lambda e, logs: in_process.append(logs["loss/total"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert engine.aligner is not None and engine.teacher is not None and engine.steps_done == 20
+    np.testing.assert_allclose(in_process, on_ray, rtol=0, atol=1e-5)
+    assert len(set(np.round(on_ray, 4))) > 10      # a real run: the loss moves from step to step

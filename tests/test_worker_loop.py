@@ -1,4 +1,4 @@
-"""The worker-loop skeleton shared by the Ray Train loops (:mod:`date_core.runtime.loop`), run
+"""The worker-loop skeleton shared by the Ray Train loops (:mod:`date_core.training.loop`), run
 on a stand-in shard: it resumes at the saved data position, steps the optimiser every
 ``grad_accum`` micro-steps, checkpoints on cadence and at each epoch end, and stops at
 ``total_steps``."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from date_core.runtime.loop import LoopHooks, LoopPlan, run_epochs
+from date_core.training.loop import LoopHooks, LoopPlan, run_epochs
 
 
 class Shard:

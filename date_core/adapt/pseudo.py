@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .. import batch as B
@@ -310,29 +311,69 @@ def build_pseudo_labels(pred: Mapping[str, np.ndarray], reliability: np.ndarray,
     return out
 
 
-def attach_pseudo_boxes(batch: Mapping[str, Any], labels: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """A copy of a target ``batch`` whose pairs found in ``labels`` (by ``pair_key``) carry their
-    pseudo box as target: ``boxes`` = the pseudo box, ``has_box`` = 1, ``box_weight`` = its
-    weight; the other pairs get ``has_box`` = 0 (any hidden annotation is never used).
-    Tensors stay tensors, numpy stays numpy."""
-    if B.PAIR_KEY not in batch:
-        raise KeyError("batch lacks pair_key; pseudo boxes are joined by pair_key")
-    is_torch = isinstance(batch[B.PAIR_KEY], torch.Tensor)
-    keys = np.asarray(batch[B.PAIR_KEY].cpu().numpy() if is_torch else batch[B.PAIR_KEY])
-    index = {int(k): i for i, k in enumerate(np.asarray(labels["pair_key"]))}
-    rows = np.array([index.get(int(k), -1) for k in keys], dtype=np.int64)
-    found = rows >= 0
-    boxes = np.zeros((keys.shape[0], 4), dtype=np.float32)
-    weight = np.zeros(keys.shape[0], dtype=np.float32)
-    boxes[found] = np.asarray(labels["box"], dtype=np.float32)[rows[found]]
-    weight[found] = np.asarray(labels["box_weight"], dtype=np.float32)[rows[found]]
-    out = dict(batch)
-    new = {B.BOXES: boxes, B.HAS_BOX: found.astype(np.float32), B.BOX_WEIGHT: weight}
-    for key, value in new.items():
-        out[key] = torch.from_numpy(value).to(batch[B.PAIR_KEY].device) if is_torch else value
-    # Alternative boxes of the target are hidden annotations too: never train on them.
-    for key in (B.ALT_BOXES, B.ALT_MASK):
-        if key in out:
-            out[key] = out[key] * 0
-    return out
+#: One row per target pair of a labelling round (Parquet between the pipeline's rounds).
+PSEUDO_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("box", pa.list_(pa.float32())), ("box_weight", pa.float32()),
+    ("score", pa.float32()), ("kept", pa.bool_()), ("agreement", pa.float32()),
+    ("confidence", pa.float32()), ("sensitivity", pa.float32()), ("round", pa.int32()),
+])
+#: The target rows a round trains on: the contract columns less every annotation.
+TARGET_COLUMNS = ("pair_id", "image_id", "image", "width", "height", "query", "domain", "split", "item_id")
 
+
+def target_rows(table: pa.Table) -> pa.Table:
+    """The rows a round trains on from an annotated target table: every annotation column dropped."""
+    return table.select([c for c in TARGET_COLUMNS if c in table.column_names])
+
+
+def pseudo_table(predictions: Mapping[str, np.ndarray], reliability: np.ndarray, keep: np.ndarray,
+                 labels: Mapping[str, np.ndarray], round_index: int) -> pa.Table:
+    """One row per target pair (N): the kept pairs' boxes and weights as
+    :func:`build_pseudo_labels` made them (``labels``: its ``box_xyxy`` in original pixels and
+    ``box_weight``; null box and weight 0 where not kept), the raw score, the kept flag and the
+    generator's signals (``agreement``, ``confidence``, ``sensitivity``)."""
+    keep = np.asarray(keep, dtype=bool)
+    n = keep.shape[0]
+    if "box_xyxy" not in labels:
+        raise KeyError("pseudo_table needs the labels' box_xyxy (predictions with orig_size)")
+    boxes: list = [None] * n
+    weight = np.zeros(n, np.float32)
+    for i, box, w in zip(np.flatnonzero(keep), np.asarray(labels["box_xyxy"]), np.asarray(labels["box_weight"])):
+        boxes[i], weight[i] = [float(v) for v in box], float(w)
+    p = predictions
+    return pa.table({
+        "pair_id": pa.array([str(x) for x in p["pair_id"]], pa.string()),
+        "box": pa.array(boxes, pa.list_(pa.float32())),
+        "box_weight": pa.array(weight),
+        "score": pa.array(np.asarray(reliability, np.float32)),
+        "kept": pa.array(keep),
+        "agreement": pa.array(np.asarray(p["agreement"], np.float32)),
+        "confidence": pa.array(np.asarray(p["confidence"], np.float32)),
+        "sensitivity": pa.array(np.asarray(p.get("sensitivity", np.full(n, np.nan)), np.float32)),
+        "round": pa.array(np.full(n, int(round_index), np.int32)),
+    }, schema=PSEUDO_SCHEMA)
+
+
+def pseudo_lookup(table: pa.Table) -> dict[str, tuple[list[float], float]]:
+    """``pair_id -> (box in original pixels, weight)`` of a :func:`pseudo_table`'s kept rows."""
+    kept = table.filter(table["kept"])
+    return {pid: (box, w) for pid, box, w in zip(kept["pair_id"].to_pylist(), kept["box"].to_pylist(),
+                                                 kept["box_weight"].to_pylist())}
+
+
+def join_pseudo(rows: dict[str, np.ndarray], lookup: Mapping[str, tuple[list[float], float]]) -> dict[str, np.ndarray]:
+    """Target contract rows (annotations removed, :data:`TARGET_COLUMNS`) with their pseudo box
+    joined by ``pair_id``: ``box`` a float [n, 4] column in original pixels, NaN where a pair has
+    none (the data transform reads NaN as no box), and ``box_weight`` [n] (0 where none). The
+    transform then decodes, augments and letterboxes box and pixels together.
+
+    A float column rather than an object column of arrays and Nones: Ray Data fell back to
+    pickling those, with a warning on the job's terminal for every block."""
+    hits = [lookup.get(str(pid)) for pid in rows["pair_id"]]
+    boxes = np.full((len(hits), 4), np.nan, np.float32)
+    for i, h in enumerate(hits):
+        if h is not None:
+            boxes[i] = np.asarray(h[0], np.float32)
+    rows["box"] = boxes
+    rows["box_weight"] = np.asarray([0.0 if h is None else float(h[1]) for h in hits], np.float32)
+    return rows

@@ -48,6 +48,12 @@ class LabelRound:
     labels: dict[str, np.ndarray]
     fraction: float
 
+    def table(self):
+        """The round as a :func:`~date_core.adapt.pseudo.pseudo_table` (one row per pair, Parquet-ready)."""
+        from .pseudo import pseudo_table
+
+        return pseudo_table(self.predictions, self.reliability, self.keep, self.labels, self.round_index)
+
     def summary(self) -> dict[str, float]:
         """Counts and means; with hidden target boxes in ``predictions`` (``gt_*``), also the
         pseudo-label precision: ``precision@0.5`` / ``mIoU`` of the kept pseudo boxes, and
@@ -171,6 +177,34 @@ def label_target_set(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
     if not parts:
         raise ValueError("label_target_set got no target batches")
     return select_round(concat_predictions(parts), round_index, cfg_adapt)
+
+
+class RowLabeler:
+    """Contract rows -> per-pair predictions under the round's views (``pair_id`` carried):
+    the labelling work of a Ray Data actor in the pipeline and of a plain loop in the
+    benchmark. ``transform``: the unaugmented data transform; hidden target boxes in the rows
+    (``box``) are carried for precision monitoring only."""
+
+    def __init__(self, model: torch.nn.Module, transform: Any, views: Sequence[str], consensus: str,
+                 sensitivity: bool = True, focus_zoom: float | None = None) -> None:
+        from .views import build_views
+
+        self.model, self.transform, self.views = model, transform, build_views(list(views))
+        self.consensus, self.sensitivity, self.focus_zoom = consensus, bool(sensitivity), focus_zoom
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, transform: Any, cfg_adapt: Mapping[str, Any]) -> "RowLabeler":
+        """The labeller of the ``adapt`` section (views, consensus, sensitivity pass, focus zoom)."""
+        cfg_adapt = config_section("adapt", cfg_adapt)
+        return cls(model, transform, list(cfg_adapt["views"]), cfg_adapt["consensus"],
+                   sensitivity_pass_of(cfg_adapt), focus_zoom_of(cfg_adapt))
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = self.transform(rows)
+        out = predict_views(self.model, batch, self.views, consensus=self.consensus,
+                            keep_annotations="box" in rows, sensitivity=self.sensitivity, focus_zoom=self.focus_zoom)
+        out["pair_id"] = np.asarray(rows["pair_id"], dtype=object)
+        return out
 
 
 def sensitivity_pass_of(cfg_adapt: Mapping[str, Any]) -> bool:

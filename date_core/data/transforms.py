@@ -157,10 +157,14 @@ class BatchTransform:
             workers and other processes), so that Ray tasks and epochs never repeat each
             other's augmentations; see the note above ``_CALLS``.
         draft: use JPEG draft decoding (off only to measure what it buys).
+        own_counter: count this instance's calls on its own instead of the process-wide counter:
+            an in-process run (the benchmark) is then reproducible whatever ran before it in the
+            process. Not for Ray, where copies of one instance must not repeat each other.
     """
 
     def __init__(self, tokenizer_path_or_obj: Any, image_size: int, max_text_len: int, train: bool = False,
-                 *, hflip_prob: float = 0.5, jitter: float = 0.2, seed: int | None = None, draft: bool = True):
+                 *, hflip_prob: float = 0.5, jitter: float = 0.2, seed: int | None = None, draft: bool = True,
+                 own_counter: bool = False):
         if isinstance(tokenizer_path_or_obj, (str, os.PathLike)):
             self._tok_path, self._tok = str(tokenizer_path_or_obj), None
         else:
@@ -169,6 +173,7 @@ class BatchTransform:
         self.hflip_prob, self.jitter, self.draft = float(hflip_prob), float(jitter), bool(draft)
         self._seed = None if seed is None else int(seed)
         self._home_pid = os.getpid()  # the process that built it (pickled along with it)
+        self._calls = 0 if own_counter else None
 
     @property
     def tokenizer(self):
@@ -187,7 +192,11 @@ class BatchTransform:
         if self._seed is None:
             return np.random.default_rng()
         ids = batch["pair_id"] if "pair_id" in batch else batch.get("image_id", ())
-        key = [self._seed & _U64, _ids_hash(ids), next(_CALLS)]
+        if self._calls is None:
+            call = next(_CALLS)
+        else:
+            call, self._calls = self._calls, self._calls + 1
+        key = [self._seed & _U64, _ids_hash(ids), call]
         pid = os.getpid()
         if pid != self._home_pid or _in_ray_worker():
             key += [pid, _PROCESS_NONCE]

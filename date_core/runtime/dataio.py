@@ -34,6 +34,7 @@ from date_core.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, REJECTED_DIR, REJEC
 from date_core.data.splits import DEFAULT_FRACTIONS, assign_split
 from date_core.data.summary import RunSummary
 from date_core.data.transforms import BatchTransform
+from date_core.data.shard import BLOCK_ROWS
 from date_core.runtime.reader import count_rows, read_pairs  # noqa: F401  (the Ray Data read API)
 
 #: Default Parquet file size: the contract asks for ~100-500 MB files on big data.
@@ -41,7 +42,7 @@ DEFAULT_SHARD_MB = 256.0
 
 
 def to_model_batches(ds: Dataset, tokenizer: Any, image_size: int, max_text_len: int, *, train: bool = False,
-                     batch_size: int = 64, seed: int | None = None, num_cpus: float | None = None) -> Dataset:
+                     batch_size: int = BLOCK_ROWS, seed: int | None = None, num_cpus: float | None = None) -> Dataset:
     """``ds`` (contract rows) -> model batches (:mod:`date_core.batch` keys, numpy), as Ray tasks.
 
     ``tokenizer``: an object or a folder (local or ``s3://``; loaded once here, then shipped

@@ -21,27 +21,21 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from date_core.adapt.pseudo import concat_predictions
-from date_core.adapt.selftrain import LabelRound, focus_zoom_of, select_round, sensitivity_pass_of
+from date_core.adapt.pseudo import TARGET_COLUMNS, concat_predictions, join_pseudo, pseudo_lookup
+from date_core.adapt.selftrain import LabelRound, RowLabeler, focus_zoom_of, select_round, sensitivity_pass_of
 from date_core.data import io, storage
 from date_core.runtime.watchdog import watched
 
 COMMIT_FILE = "_COMMITTED.json"
-PSEUDO_SCHEMA = pa.schema([
-    ("pair_id", pa.string()), ("box", pa.list_(pa.float32())), ("box_weight", pa.float32()),
-    ("score", pa.float32()), ("kept", pa.bool_()), ("agreement", pa.float32()),
-    ("confidence", pa.float32()), ("sensitivity", pa.float32()), ("round", pa.int32()),
-])
 
 
-class TargetLabeler:
-    """Ray Data actor: contract rows -> per-pair predictions under the configured views."""
+class TargetLabeler(RowLabeler):
+    """Ray Data actor: the :class:`~date_core.adapt.selftrain.RowLabeler` of a saved model."""
 
     def __init__(self, model_dir: str, tokenizer: str, views: list[str], consensus: str, use_gpu: bool,
                  sensitivity: bool = True, focus_zoom: float | None = None, torch_threads: int | None = None):
         import torch
 
-        from date_core.adapt.views import build_views
         from date_core.data.transforms import BatchTransform
         from date_core.inference import load_model
 
@@ -49,23 +43,10 @@ class TargetLabeler:
             torch.set_num_threads(int(torch_threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         with storage.local_dir(model_dir) as local:
-            self.model = load_model(local, device=device)
-        cfg = self.model.config
-        self.transform = BatchTransform(tokenizer, cfg.image_size, cfg.max_text_len, train=False)
-        self.views = build_views(views)
-        self.consensus = consensus
-        self.sensitivity = sensitivity
-        self.focus_zoom = focus_zoom
-
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from date_core.adapt.pseudo import predict_views
-
-        batch = self.transform(rows)
-        out = predict_views(self.model, batch, self.views, consensus=self.consensus,
-                            keep_annotations="box" in rows,  # hidden boxes: precision only
-                            sensitivity=self.sensitivity, focus_zoom=self.focus_zoom)
-        out["pair_id"] = np.asarray(rows["pair_id"], dtype=object)
-        return out
+            model = load_model(local, device=device)
+        cfg = model.config
+        super().__init__(model, BatchTransform(tokenizer, cfg.image_size, cfg.max_text_len, train=False), views,
+                         consensus, sensitivity, focus_zoom)
 
 
 def label_threads(adapt: Mapping[str, Any]) -> int:
@@ -98,30 +79,6 @@ def label_target(cfg: Mapping[str, Any], model_dir: str, tokenizer: str, round_i
     parts = list(watched(preds.iter_batches(batch_size=None, batch_format="numpy"), "labelling",
                          float(rt["stall_timeout_s"]), what="labelled batch"))
     return select_round(concat_predictions(parts), round_index, adapt)
-
-
-def pseudo_table(rnd: LabelRound) -> pa.Table:
-    """One row per target pair: the consensus box in original pixels (null when not kept), its
-    loss weight (reliability / best kept reliability), the raw score and the kept flag."""
-    from date_core.imaging import Letterbox, letterbox_cxcywh_to_xyxy_pixels
-
-    p = rnd.predictions
-    n = rnd.keep.shape[0]
-    top = float(rnd.reliability[rnd.keep].max()) if rnd.keep.any() else 1.0
-    sizes = np.asarray(p["orig_size"], dtype=np.float64)
-    boxes = [letterbox_cxcywh_to_xyxy_pixels(b, Letterbox(float(w), float(h), 1)).tolist() if k else None
-             for b, (w, h), k in zip(p["box"], sizes, rnd.keep)]
-    return pa.table({
-        "pair_id": pa.array([str(x) for x in p["pair_id"]], pa.string()),
-        "box": pa.array(boxes, pa.list_(pa.float32())),
-        "box_weight": pa.array(np.where(rnd.keep, rnd.reliability / max(top, 1e-12), 0.0).astype(np.float32)),
-        "score": pa.array(rnd.reliability.astype(np.float32)),
-        "kept": pa.array(rnd.keep),
-        "agreement": pa.array(np.asarray(p["agreement"], np.float32)),
-        "confidence": pa.array(np.asarray(p["confidence"], np.float32)),
-        "sensitivity": pa.array(np.asarray(p.get("sensitivity", np.full(n, np.nan)), np.float32)),
-        "round": pa.array(np.full(n, rnd.round_index, np.int32)),
-    }, schema=PSEUDO_SCHEMA)
 
 
 def commit_pseudo(table: pa.Table, folder: str) -> str:
@@ -162,29 +119,15 @@ def target_with_pseudo(cfg: Mapping[str, Any], labels: pa.Table | None,
     from date_core.runtime.dataio import read_pairs
 
     data = cfg["data"]
-    cols = ["pair_id", "image_id", "image", "width", "height", "query", "domain", "split", "item_id"]
-    ds = read_pairs(data["root"], data["target_domain"], data["train_split"], columns=cols, num_cpus=num_cpus)
+    ds = read_pairs(data["root"], data["target_domain"], data["train_split"], columns=list(TARGET_COLUMNS),
+                    num_cpus=num_cpus)
     if labels is None:
         return ds
-    kept = labels.filter(labels["kept"])
-    lookup = {pid: (box, w) for pid, box, w in zip(kept["pair_id"].to_pylist(), kept["box"].to_pylist(),
-                                                  kept["box_weight"].to_pylist())}
-    ref = ray.put(lookup)
+    ref = ray.put(pseudo_lookup(labels))
     return ds.map_batches(_join_pseudo, batch_format="numpy", fn_kwargs={"lookup": ref},
                           num_cpus=1.0 if num_cpus is None else float(num_cpus))
 
 
 def _join_pseudo(rows: dict[str, np.ndarray], lookup) -> dict[str, np.ndarray]:
-    if isinstance(lookup, ray.ObjectRef):  # shipped once through the object store
-        lookup = ray.get(lookup)
-    hits = [lookup.get(str(pid)) for pid in rows["pair_id"]]
-    # a float [n, 4] column, NaN where a pair has no pseudo box (the transform reads NaN as none):
-    # an object column of arrays and Nones made Ray Data fall back to pickling, with a warning
-    # on the job's terminal for every block
-    boxes = np.full((len(hits), 4), np.nan, np.float32)
-    for i, h in enumerate(hits):
-        if h is not None:
-            boxes[i] = np.asarray(h[0], np.float32)
-    rows["box"] = boxes
-    rows["box_weight"] = np.asarray([0.0 if h is None else float(h[1]) for h in hits], np.float32)
-    return rows
+    """:func:`~date_core.adapt.pseudo.join_pseudo` with the lookup shipped once through the object store."""
+    return join_pseudo(rows, ray.get(lookup) if isinstance(lookup, ray.ObjectRef) else lookup)

@@ -30,9 +30,9 @@ from date_core.evaluation.evaluate import evaluate_split
 from date_core.evaluation.metrics import metrics_json
 from date_core.runtime import session, tracking
 from date_core.runtime.dataset import ensure_dataset
-from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target, pseudo_table, read_pseudo, target_with_pseudo
+from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target, read_pseudo, target_with_pseudo
 from date_core.runtime.supervised import run_stage
-from date_core.config_types import to_dict, typed
+from date_core.adapt.round import round_aligns, round_config
 
 STATE_FILE = "pgda_state.json"
 #: ``on_round(round_index, record, model_dir, run_id) -> metrics``: called after each round's
@@ -53,19 +53,6 @@ def load_state(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     return {"rounds": []}
 
 
-def _round_cfg(cfg: Mapping[str, Any], r: int) -> dict[str, Any]:
-    """Round r's training config: ``adapt.round_train`` overrides ``train`` from round 1 on
-    (later rounds start from trained weights and usually need fewer steps), and the alignment
-    weights are zero outside ``adapt.align_from_round`` .. ``align_until_round`` (:func:`round_loss_weights`)."""
-    from date_core.adapt import round_loss_weights
-
-    out = to_dict(cfg)
-    if r > 0 and cfg["adapt"].get("round_train"):
-        out["train"].update(cfg["adapt"]["round_train"])
-    out["loss"] = round_loss_weights(cfg["loss"], cfg["adapt"], r)
-    return typed(out)
-
-
 def alignment_terms(cfg: Mapping[str, Any]) -> list[str]:
     """The alignment loss terms that actually run (non-zero weight)."""
     from date_core.training.losses import active_alignment_terms
@@ -76,7 +63,7 @@ def alignment_terms(cfg: Mapping[str, Any]) -> list[str]:
 def describe_round(cfg: Mapping[str, Any], r: int) -> str:
     """What round ``r`` trains on, in the words of the results table (only what runs)."""
     parts = ["source", "target pairs"]
-    terms = alignment_terms(_round_cfg(cfg, r))
+    terms = alignment_terms(round_config(cfg, r))
     if terms:
         parts.append(f"align ({cfg['adapt'].get('aligner', 'mmd')}: "
                      + ", ".join(t.replace("align_", "") for t in terms) + ")")
@@ -124,11 +111,11 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
         print(f"[pgda] round {r + 1}/{rounds}: {describe_round(cfg, r)}"
               + (f" ({int(labels['kept'].to_numpy().sum())} pseudo boxes of round {r})" if labels is not None else ""),
               flush=True)
-        round_cfg = _round_cfg(cfg, r)
+        round_cfg = round_config(cfg, r)
         stage = run_stage(
             round_cfg, f"{name}-round{r}", stage="pgda-round", experiment_id=experiment_id,
             parent_run_id=parent_id, target=functools.partial(target_with_pseudo, cfg, labels),
-            align=bool(alignment_terms(round_cfg)),
+            align=round_aligns(round_cfg),
             init_from=prev["model"] if prev else None, register=False,  # round 1: model.init_from, if set
             out_dir=work / f"round-{r}",
         )
@@ -139,7 +126,7 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
         if r < rounds - 1 or adapt["label_last_round"]:
             rnd = label_target(cfg, str(stage.model_dir), tok, r)
             record["pseudo"] = storage.join(base, "pseudo", f"round-{r}")
-            commit_pseudo(pseudo_table(rnd), record["pseudo"])
+            commit_pseudo(rnd.table(), record["pseudo"])
             record["labels"] = {k: float(v) for k, v in rnd.summary().items()}
             # which reliability signal picks right boxes (hidden target boxes: monitoring only)
             record["labels"].update({f"precision@0.5/{k}": float(v)

@@ -27,7 +27,8 @@ import torch
 
 from date_core.runtime import session, tracking
 from date_core.runtime.budget import StreamBudgets, reserve_streams
-from date_core.runtime.loop import LoopHooks, LoopPlan, eta_line, run_epochs
+from date_core.training.loop import LoopHooks, LoopPlan, eta_line, run_epochs
+from date_core.training.pretrain import pretrain_train_config
 from date_core.runtime.scratch import scratch_dir
 from date_core.runtime.supervised import StageResult
 from date_core.runtime.trainer import (MODEL_DIR, TRAIN_STATE, _Tracker, build_trainer, checkpoint_model_dir,
@@ -52,13 +53,13 @@ def make_pretrain_dataset(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], 
 
     cpus = budgets.task_cpus("train") if budgets is not None else None
     root = cfg["data"]["root"]
-    parts = [read_pairs(root, d, s, shuffle_files=True, num_cpus=cpus) for d, s in pretrain_parts(cfg)]
+    tcfg = pretrain_train_config(cfg)
+    parts = [read_pairs(root, d, s, shuffle_files=bool(tcfg["shuffle"]), num_cpus=cpus) for d, s in pretrain_parts(cfg)]
     rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     count = sum(count_rows(root, d, s) for d, s in pretrain_parts(cfg))
     tok = load_tokenizer(tokenizer)
-    seed = int(cfg["train"]["seed"])
     batches = to_model_batches(rows, tok, int(model_cfg["image_size"]), int(model_cfg["max_text_len"]),
-                               train=True, seed=seed, num_cpus=cpus)
+                               train=bool(tcfg["augment"]), seed=int(tcfg["seed"]), num_cpus=cpus)
     return {"train": budgets.attach("train", batches) if budgets is not None else batches}, {"train": count}
 
 
@@ -93,7 +94,7 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
 
     from date_core.training.engine import build_optimizer, schedule_from_config
     from date_core.inference import load_model
-    from date_core.training.pretrain import HEADS_FILE, build_pretrainer, pretrain_step, pretrain_train_config
+    from date_core.training.pretrain import HEADS_FILE, build_pretrainer, pretrain_step
     from date_core.text import load_tokenizer
 
     cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]
@@ -106,10 +107,8 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     pretrainer, criterion = build_pretrainer(model, tokenizer, cfg["pretrain"])
     pretrainer.to(device)
     optimizer = build_optimizer(pretrainer.model, tcfg, extra_modules=[pretrainer.heads])
-    bs, accum = int(tcfg["batch_size"]), int(tcfg["grad_accum"])
-    steps_per_epoch = max(1, counts["train"] // world // bs // accum)
-    total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
-    epochs = -(-total_steps // steps_per_epoch)
+    plan = LoopPlan.from_config(tcfg, counts["train"], world)
+    accum, total_steps, epochs = plan.grad_accum, plan.total_steps, plan.epochs
     scheduler = schedule_from_config(optimizer, tcfg, total_steps)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
@@ -149,8 +148,6 @@ def pretrain_loop_per_worker(loop_cfg: dict) -> None:
     def save(state: dict, metrics: dict) -> None:
         _report(pretrainer, optimizer, scheduler, tokenizer, state, rank, metrics)
 
-    plan = LoopPlan(total_steps, steps_per_epoch, epochs, bs, accum, int(tcfg["seed"]), int(tcfg["log_every"]),
-                    int(tcfg["checkpoint_every"]))
     run_epochs(train_shard, LoopHooks(step, progress, epoch_end, save), plan, state, start_step=start_step,
                rank=rank, tracker=tracker, prefix="pretrain",
                watch=lambda name, it: stream_watch(name, it, cfg["runtime"]))

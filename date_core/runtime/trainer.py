@@ -32,7 +32,7 @@ from date_core.data import storage
 from date_core.training.engine import autocast_dtype
 from date_core.runtime.budget import StreamBudgets
 from date_core.runtime.dataio import count_rows, read_pairs, to_model_batches
-from date_core.runtime.loop import LoopHooks, LoopPlan, eta_line, run_epochs
+from date_core.training.loop import LoopHooks, LoopPlan, cycle_batches, eta_line, run_epochs
 from date_core.runtime.scratch import scratch_dir
 from date_core.text import load_tokenizer
 
@@ -59,7 +59,8 @@ def make_datasets(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenize
         return budgets.task_cpus(stream) if budgets is not None else None
 
     root, source = data["root"], data["source_domain"]
-    train_rows = read_pairs(root, source, data["train_split"], shuffle_files=True, num_cpus=cpus("train"))
+    shuffle, augment = bool(cfg["train"]["shuffle"]), bool(cfg["train"]["augment"])
+    train_rows = read_pairs(root, source, data["train_split"], shuffle_files=shuffle, num_cpus=cpus("train"))
     val_rows = read_pairs(root, source, data["val_split"], num_cpus=cpus("val"))
     counts = {"train": count_rows(root, source, data["train_split"]),
               "val": count_rows(root, source, data["val_split"])}
@@ -69,15 +70,18 @@ def make_datasets(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], tokenize
     tok = load_tokenizer(tokenizer)  # loaded once, shipped with the tasks
     seed = int(cfg["train"]["seed"])
     datasets = {
-        "train": to_model_batches(train_rows, tok, size, max_len, train=True, seed=seed, num_cpus=cpus("train")),
+        "train": to_model_batches(train_rows, tok, size, max_len, train=augment, seed=seed, num_cpus=cpus("train")),
         "val": to_model_batches(val_rows, tok, size, max_len, train=False, num_cpus=cpus("val")),
     }
     if target is not None:
         counts["target"] = count_rows(root, data["target_domain"], data["train_split"])
-        datasets["target"] = to_model_batches(target(cpus("target")), tok, size, max_len, train=True, seed=seed + 1,
+        datasets["target"] = to_model_batches(target(cpus("target")), tok, size, max_len, train=augment, seed=seed + 1,
                                               num_cpus=cpus("target"))
     if budgets is not None:
         datasets = {name: budgets.attach(name, ds) for name, ds in datasets.items()}
+    if not shuffle:  # file order, batch for batch: what train.shuffle=false promises
+        for ds in datasets.values():
+            ds.context.execution_options.preserve_order = True
     return datasets, counts
 
 
@@ -87,17 +91,6 @@ def data_streams(target: bool) -> tuple[list[str], dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- worker loop
-def _cycle(make_iter):
-    """Endless iterator over a re-creatable iterable (the target shard is cycled under the source)."""
-    while True:
-        empty = True
-        for item in make_iter():
-            empty = False
-            yield item
-        if empty:
-            raise RuntimeError("the target dataset shard is empty")
-
-
 def stream_watch(stream: str, batches, rcfg: Mapping[str, Any]):
     """``batches`` under the stall watchdog (:func:`date_core.runtime.watchdog.watched`) at
     ``runtime.stall_timeout_s``."""
@@ -106,20 +99,16 @@ def stream_watch(stream: str, batches, rcfg: Mapping[str, Any]):
     return watched(batches, stream, float(rcfg["stall_timeout_s"]))
 
 
-def _save(tmp: str, model, optimizer, scheduler, aligner, teacher, tokenizer, state: dict, metrics: dict) -> Checkpoint:
+def _save(tmp: str, engine, tokenizer, state: dict, metrics: dict) -> Checkpoint:
     from date_core.inference import save_checkpoint
+    from date_core.model import unwrap
 
     extra = {"step": state["step"], "metrics": metrics}
-    save_checkpoint(model, Path(tmp) / MODEL_DIR, tokenizer, extra=extra)
-    if teacher is not None:  # the EMA teacher: the round's output model in PG-DA
-        save_checkpoint(teacher.model, Path(tmp) / TEACHER_DIR, tokenizer, extra={**extra, "ema": True})
-    aligner = getattr(aligner, "module", aligner)  # DDP-wrapped discriminators
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "aligner": aligner.state_dict() if aligner is not None else None,
-                "teacher": teacher.state_dict() if teacher is not None else None, **state},
-               Path(tmp) / TRAIN_STATE)
+    save_checkpoint(unwrap(engine.model), Path(tmp) / MODEL_DIR, tokenizer, extra=extra)
+    if engine.teacher is not None:  # the EMA teacher: the round's output model in PG-DA
+        save_checkpoint(engine.teacher.model, Path(tmp) / TEACHER_DIR, tokenizer, extra={**extra, "ema": True})
+    torch.save({**engine.state_dict(), **state}, Path(tmp) / TRAIN_STATE)
     return Checkpoint.from_directory(tmp)
-
 
 
 def worker_setup(tcfg: Mapping[str, Any], rcfg: Mapping[str, Any]) -> tuple[int, int, torch.device, Any]:
@@ -140,17 +129,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     PG-DA round, whole), ``init_weights`` (``model.init_from``: weights loaded into the configured
     model, see :func:`init_model`), ``tag``
     (metric prefix of the validation split, e.g. ``mall_val``)."""
-    from date_core.adapt import EMATeacher, adaptation_step, ema_decay_for, zoom_settings
-    from date_core.training.engine import build_optimizer, evaluate, schedule_from_config
+    from date_core.adapt.round import RoundEngine
+    from date_core.training.engine import evaluate
     from date_core.inference import load_model
-    from date_core.training.losses import build_criterion
     from date_core.text import load_tokenizer
 
     cfg, counts = loop_cfg["cfg"], loop_cfg["counts"]
     tcfg, rcfg = cfg["train"], cfg["runtime"]
     rank, world, device, autocast = worker_setup(tcfg, rcfg)
 
-    # -- model, losses, optimiser: a fresh model, or the adaptation's previous round
+    # -- model: a fresh one, or the adaptation's previous round; then the round's engine
     if loop_cfg.get("init_from"):
         with storage.local_dir(loop_cfg["init_from"]) as init_dir:
             model = load_model(init_dir)
@@ -158,27 +146,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         model = init_model(cfg, loop_cfg["vocab_size"], loop_cfg.get("init_weights"),
                            (loop_cfg.get("mlflow") or {}).get("uri"))
     tokenizer = load_tokenizer(loop_cfg["tokenizer"])
-    criterion = build_criterion(cfg["loss"], pseudo_focus=cfg["adapt"]["pseudo_focus"])
-    aligner = None
-    if "target" in counts and loop_cfg.get("align", False):
-        from date_core.adapt import build_aligner_for_model
-
-        aligner = build_aligner_for_model(cfg["adapt"], model)
-    model.to(device)
-    if aligner is not None:
-        aligner.to(device)
-    optimizer = build_optimizer(model, tcfg, extra_modules=[aligner] if aligner is not None else ())
-    bs, accum = int(tcfg["batch_size"]), int(tcfg["grad_accum"])
-    steps_per_epoch = max(1, counts["train"] // world // bs // accum)
-    total_steps = int(tcfg.get("max_steps") or steps_per_epoch * int(tcfg["epochs"]))
-    epochs = -(-total_steps // steps_per_epoch)
-    scheduler = schedule_from_config(optimizer, tcfg, total_steps)
-    # PG-DA rounds: an EMA teacher follows the student; it labels the target and is the output
-    teacher = None
-    if "target" in counts and cfg["adapt"]["teacher"]:
-        teacher = EMATeacher(model, ema_decay_for(total_steps, cfg["adapt"]))
-        if rank == 0:
-            print(f"[train] EMA teacher, decay {teacher.decay:.4f} over {total_steps} steps", flush=True)
+    plan = LoopPlan.from_config(tcfg, counts["train"], world)
+    bs, total_steps, epochs = plan.batch_size, plan.total_steps, plan.epochs
+    engine = RoundEngine.build(cfg, model, total_steps, target="target" in counts, align=bool(loop_cfg.get("align")),
+                               device=device, autocast_dtype=autocast)
+    if engine.teacher is not None and rank == 0:
+        print(f"[train] EMA teacher, decay {engine.teacher.decay:.4f} over {total_steps} steps", flush=True)
 
     # -- resume: the run's latest checkpoint wins over everything
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
@@ -189,20 +162,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             trained = load_model(Path(ckpt_dir) / MODEL_DIR)
             model.load_state_dict(trained.state_dict())
             saved = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if aligner is not None and saved.get("aligner"):
-            aligner.load_state_dict(saved["aligner"])
-        if teacher is not None and saved.get("teacher"):
-            teacher.load_state_dict(saved["teacher"])
         state = {k: int(saved[k]) for k in state}
+        engine.load_state_dict(saved, step=state["step"])
         start_step = state["step"]
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {start_step} (epoch {state['epoch']})", flush=True)
-    model = ray.train.torch.prepare_model(model)
+    engine.model = model = ray.train.torch.prepare_model(model)
+    aligner = engine.aligner
     if aligner is not None and world > 1 and any(p.requires_grad for p in aligner.parameters()):
         # domain discriminators are trained parameters too: DDP keeps them equal on every rank
-        aligner = ray.train.torch.prepare_model(aligner, parallel_strategy_kwargs={"find_unused_parameters": True})
+        engine.aligner = ray.train.torch.prepare_model(aligner, parallel_strategy_kwargs={"find_unused_parameters": True})
     # Where the workers run (one line in the report; the multi-node test reads it).
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1 and torch.distributed.is_initialized():
@@ -215,18 +184,13 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     target_iter = None
     if "target" in counts:
         target_shard = ray.train.get_dataset_shard("target")
-        target_iter = stream_watch("target", _cycle(lambda: target_shard.iter_torch_batches(batch_size=bs, drop_last=True)),
+        target_iter = stream_watch("target", cycle_batches(lambda: target_shard.iter_torch_batches(batch_size=bs, drop_last=True)),
                                    rcfg)
 
     tag = loop_cfg.get("tag", "val")
-    zoom = zoom_settings(tcfg)
 
     def step(batch, micro: int) -> dict[str, float]:
-        return adaptation_step(model, criterion, batch, optimizer, scheduler,
-                               target_batch=next(target_iter) if target_iter is not None else None,
-                               aligner=aligner, teacher=teacher, progress=state["step"] / total_steps,
-                               grad_accum=accum, micro_step=micro, zoom_out=zoom,
-                               strong_aug=bool(cfg["adapt"]["strong_aug"]), autocast_dtype=autocast, device=device)
+        return engine.step(batch, next(target_iter) if target_iter is not None else None, micro)
 
     def progress(state: dict, logs: dict, rate: float) -> None:
         print(eta_line("train", state, total_steps, rate,
@@ -237,8 +201,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         # PG-DA rounds, else the student
         metrics["worker_nodes"] = ",".join(nodes)
         if rank == 0:
-            judged = teacher.model if teacher is not None else getattr(model, "module", model)
-            val = evaluate(judged, stream_watch("val", val_shard.iter_torch_batches(batch_size=bs), rcfg),
+            val = evaluate(engine.output, stream_watch("val", val_shard.iter_torch_batches(batch_size=bs), rcfg),
                            device=device, autocast_dtype=autocast)
             metrics.update({f"{tag}/{k}": v for k, v in val.items()})
             tracker.log(metrics, state["step"])
@@ -248,10 +211,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         return metrics
 
     def save(state: dict, metrics: dict) -> None:
-        _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank, metrics)
+        _report(engine, tokenizer, state, rank, metrics)
 
-    plan = LoopPlan(total_steps, steps_per_epoch, epochs, bs, accum, int(tcfg["seed"]), int(tcfg["log_every"]),
-                    int(tcfg["checkpoint_every"]))
     run_epochs(train_shard, LoopHooks(step, progress, epoch_end, save), plan, state, start_step=start_step,
                rank=rank, tracker=tracker, prefix="train", watch=lambda name, it: stream_watch(name, it, rcfg))
 
@@ -286,10 +247,10 @@ def _quiet_report_log(level: str) -> None:
     logging.getLogger(train_context.__file__).setLevel(getattr(logging, level.upper(), logging.WARNING))
 
 
-def _report(model, optimizer, scheduler, aligner, teacher, tokenizer, state, rank, metrics) -> None:
+def _report(engine, tokenizer, state, rank, metrics) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     with scratch_dir("ckpt") as tmp:  # removed even if this worker is killed mid-report
-        ckpt = _save(tmp, model, optimizer, scheduler, aligner, teacher, tokenizer, state, metrics) if rank == 0 else None
+        ckpt = _save(tmp, engine, tokenizer, state, metrics) if rank == 0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 
 

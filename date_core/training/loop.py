@@ -1,5 +1,8 @@
 """The skeleton that every Ray Train worker loop shares: supervised training and PG-DA rounds
-(:mod:`date_core.runtime.trainer`) and pretraining (:mod:`date_core.runtime.pretraining`).
+(:mod:`date_core.runtime.trainer`) and pretraining (:mod:`date_core.runtime.pretraining`); the
+PG-DA benchmark runs its rounds through it too, on in-process shards
+(:class:`date_core.data.shard.TableShard`). No ray here: a shard is anything with Ray Data's
+``iter_torch_batches``.
 
 It walks the epochs over the worker's ``train`` shard from a resumed position (skipping the
 batches the epoch already trained on), counts micro-steps for gradient accumulation, measures
@@ -39,7 +42,8 @@ class LoopHooks:
 @dataclass
 class LoopPlan:
     """The run's shape: ``total_steps`` optimiser steps in epochs of ``steps_per_epoch``;
-    ``batch_size`` pairs per micro-step, ``grad_accum`` micro-steps per optimiser step."""
+    ``batch_size`` pairs per micro-step, ``grad_accum`` micro-steps per optimiser step;
+    ``shuffle``: a local shuffle buffer of 4 batches, seeded per epoch (``train.shuffle``)."""
 
     total_steps: int
     steps_per_epoch: int
@@ -49,6 +53,18 @@ class LoopPlan:
     seed: int
     log_every: int
     checkpoint_every: int
+    shuffle: bool = True
+
+    @classmethod
+    def from_config(cls, cfg_train: Mapping[str, Any], n_train: int, world: int = 1) -> "LoopPlan":
+        """The plan of a ``train:`` section over ``n_train`` source pairs on ``world``
+        data-parallel workers: ``max_steps`` when set, else ``epochs`` epochs of
+        ``n_train // world // batch_size // grad_accum`` optimiser steps."""
+        bs, accum = int(cfg_train["batch_size"]), int(cfg_train["grad_accum"])
+        per_epoch = max(1, int(n_train) // max(1, world) // bs // accum)
+        total = int(cfg_train["max_steps"] or per_epoch * int(cfg_train["epochs"]))
+        return cls(total, per_epoch, -(-total // per_epoch), bs, accum, int(cfg_train["seed"]),
+                   int(cfg_train["log_every"]), int(cfg_train["checkpoint_every"]), bool(cfg_train["shuffle"]))
 
 
 def run_epochs(shard: Any, hooks: LoopHooks, plan: LoopPlan, state: dict[str, int], *, start_step: int,
@@ -64,7 +80,7 @@ def run_epochs(shard: Any, hooks: LoopHooks, plan: LoopPlan, state: dict[str, in
     while state["step"] < plan.total_steps:
         skip = state["batch_in_epoch"]
         batches = watch("train", shard.iter_torch_batches(
-            batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs,
+            batch_size=bs, drop_last=True, local_shuffle_buffer_size=4 * bs if plan.shuffle else None,
             local_shuffle_seed=plan.seed + state["epoch"]))
         for i, batch in enumerate(batches):
             if i < skip:  # data position: the batches this epoch already trained on
@@ -96,10 +112,22 @@ def run_epochs(shard: Any, hooks: LoopHooks, plan: LoopPlan, state: dict[str, in
             break
 
 
+def cycle_batches(make_iter: Callable[[], Any]) -> Any:
+    """Endless iterator over a re-creatable iterable: the target shard is cycled under the
+    source. An empty shard raises instead of spinning."""
+    while True:
+        empty = True
+        for item in make_iter():
+            empty = False
+            yield item
+        if empty:
+            raise RuntimeError("the target dataset shard is empty")
+
+
 def eta_line(tag: str, state: dict, total_steps: int, rate: float, fields: str) -> str:
     """``[tag] step S/T <fields> R steps/s ETA M min``: the progress line of every loop."""
     eta = (total_steps - state["step"]) / max(rate, 1e-6)
     return f"[{tag}] step {state['step']}/{total_steps} {fields} {rate:.2f} steps/s ETA {eta / 60:.1f} min"
 
 
-__all__ = ["LoopHooks", "LoopPlan", "eta_line", "run_epochs"]
+__all__ = ["LoopHooks", "LoopPlan", "cycle_batches", "eta_line", "run_epochs"]
