@@ -43,8 +43,10 @@ def prepare(voc: Path = SHARED, out: Path = WORK) -> Path:
     return out
 
 
-def _bucket(image_id: str) -> float:
-    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=4).digest(), "little") / 2 ** 32
+def _bucket(image_id: str, salt: str = "") -> float:
+    """The image's place in [0, 1): a hash of its id (``salt`` empty: the split of every table
+    before the frozen protocol; bench/protocol.yaml names the report split's salt)."""
+    return int.from_bytes(hashlib.blake2b((salt + image_id).encode(), digest_size=4).digest(), "little") / 2 ** 32
 
 
 def to_live(image_bytes: bytes, box: list[float], alt: list[list[float]] | None, rng: np.random.Generator
@@ -81,8 +83,9 @@ def to_live(image_bytes: bytes, box: list[float], alt: list[list[float]] | None,
     return buf.getvalue(), fw, fh, move(box), [move(a) for a in (alt or [])]
 
 
-def load_tables(seed: int = 0) -> dict[str, pa.Table]:
-    """``source_train``, ``target_train``, ``target_test`` contract tables (target rows degraded)."""
+def load_tables(seed: int = 0, salt: str = "") -> dict[str, pa.Table]:
+    """``source_train``, ``target_train``, ``target_test`` contract tables (target rows degraded
+    with generator ``seed``; the split by a hash of the image id with ``salt``)."""
     from date_core.data.io import read_table
 
     root = prepare()
@@ -90,7 +93,7 @@ def load_tables(seed: int = 0) -> dict[str, pa.Table]:
     rng = np.random.default_rng(seed)
     parts: dict[str, list[dict]] = {"source_train": [], "target_train": [], "target_test": []}
     for row in rows:
-        u = _bucket(str(row["image_id"]))
+        u = _bucket(str(row["image_id"]), salt)
         part = "source_train" if u < 0.55 else "target_train" if u < 0.8 else "target_test"
         if part != "source_train":
             image, w, h, box, alt = to_live(row["image"], row["box"], row.get("alt_boxes"), rng)

@@ -35,6 +35,13 @@ against the hidden target boxes is recorded per reliability signal. Without Ray 
     python bench/pgda_ablation.py --rows full_date --set adapt.align_from_round=1   # align after the first labels
     python bench/pgda_ablation.py --rows full_date --set adapt.align_until_round=1  # align only the first teacher
     python bench/pgda_ablation.py --merge bench/results/a.json bench/results/b.json
+    python bench/pgda_ablation.py --protocol dev ...           # the frozen protocol's data (bench/protocol.yaml)
+    python bench/pgda_ablation.py --protocol report --seeds 8 --benchmarks freiburg   # a report table, once
+
+``--protocol`` takes the data from ``bench/protocol.yaml``: ``dev`` (settings, round counts and
+thresholds may be chosen on it) or ``report`` (data no earlier table used; touched once per table,
+every row with at least ``min_seeds`` seeds); the result records the file's sha256. Every run keeps
+its per-pair test IoU (``target_test/pairs``) for paired bootstrap intervals.
 
 Writes ``bench/results/<name>.json``: ``{"benchmarks": {"<name>": {"rows": {"<row>":
 {"acc@0.5": [per seed], "mIoU": [...], ...}}, "table": [...]}}, "runs": [...], "args": ...}``.
@@ -66,7 +73,8 @@ from date_core.data.io import to_numpy_batch  # noqa: E402
 from date_core.data.transforms import BatchTransform  # noqa: E402
 from date_core.model import pretrained_tokenizer_dir, resolve_model_config  # noqa: E402
 from date_core.text import load_tokenizer, train_wordpiece  # noqa: E402
-from date_core.training.engine import autocast_dtype, evaluate  # noqa: E402
+from date_core.training.engine import (autocast_dtype, evaluate, metrics_from_predictions, pair_ious,  # noqa: E402
+                                       predict)
 
 MARGINAL = ("align_marginal_image", "align_marginal_query")
 ALL_ALIGN = MARGINAL + ("align_conditional",)
@@ -82,6 +90,7 @@ ROWS = {
     "oracle": ("target oracle (target boxes)", True, (), False, True),
 }
 BENCHMARKS = ("productworld", "freiburg")
+PROTOCOL = Path(__file__).resolve().parent / "protocol.yaml"
 QUICK = dict(n_source=60, n_target=40, n_test=30, steps=6, seeds=1, batch_size=8, preset="tiny",
              benchmarks="productworld")
 
@@ -114,7 +123,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n-test", type=int, default=420, help="ProductWorld target test images (~1.5 pairs each)")
     ap.add_argument("--eval-source", action="store_true", help="also evaluate on a source test split")
     ap.add_argument("--pw-config", default=None, help="ProductWorldConfig knobs, JSON text or a YAML/JSON file")
-    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--data-seed", type=int, default=None,
+                    help="ProductWorld data seed / Freiburg-live degradation seed (default 0; with --protocol, its data)")
+    ap.add_argument("--protocol", choices=["dev", "report"], default=None,
+                    help="the data of bench/protocol.yaml: dev (choices may be made on it) or report (touched "
+                         "once per table, >= min_seeds seeds); the result records the protocol's sha256")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="adapt.* or loss.* override, e.g. --set adapt.keep_schedule=[0.2,0.4]")
     ap.add_argument("--label-filter", choices=["none", "right"], default="none",
@@ -138,7 +151,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"unknown {name} {unknown}; choose from {list(choices)}")
     if not 0.0 < args.first_label < 1.0:
         ap.error("--first-label must lie strictly between 0 and 1")
+    args.split_salt, args.protocol_sha256 = "", None
+    if args.protocol:
+        if args.data_seed is not None:
+            ap.error("--data-seed and --protocol both name the data; give one")
+        spec, args.protocol_sha256 = load_protocol(args.protocol)
+        n_seeds = len(args.seed_list.split(",")) if args.seed_list else args.seeds
+        if args.protocol == "report" and n_seeds < int(spec.get("min_seeds", 1)) and not args.merge:
+            ap.error(f"--protocol report runs every row with >= {spec['min_seeds']} seeds (got {n_seeds})")
+        benches = args.benchmarks.split(",")
+        if len({spec[b]["data_seed" if b == "productworld" else "degradation_seed"] for b in benches}) > 1:
+            ap.error(f"the protocol's {args.protocol} data seeds differ between {benches}: run them one at a time")
+        b = benches[0]
+        args.data_seed = int(spec[b]["data_seed" if b == "productworld" else "degradation_seed"])
+        args.split_salt = str(spec.get("freiburg", {}).get("split_salt", ""))
+    elif args.data_seed is None:
+        args.data_seed = 0
     return args
+
+
+def load_protocol(split: str) -> tuple[dict, str]:
+    """``split``'s section of bench/protocol.yaml and the file's sha256."""
+    import hashlib
+
+    raw = PROTOCOL.read_bytes()
+    return yaml.safe_load(raw)[split], hashlib.sha256(raw).hexdigest()
 
 
 # --------------------------------------------------------------------------- data
@@ -156,7 +193,7 @@ def load_tables(benchmark: str, args) -> tuple[dict[str, pa.Table], dict]:
     if benchmark == "freiburg":
         from freiburg_live import LIVE, load_tables as freiburg_tables
 
-        tables = freiburg_tables(args.data_seed)
+        tables = freiburg_tables(args.data_seed, args.split_salt)
         if args.quick:
             tables = {k: t.slice(0, {"source_train": 60, "target_train": 40, "target_test": 30}[k])
                       for k, t in tables.items()}
@@ -300,8 +337,9 @@ def run_one(job: tuple) -> dict:
            "loss_weights": dict(cfg["loss"]), "adapt": to_dict(cfg)["adapt"], "train": to_dict(cfg)["train"]}
     for split in ("target_test", "source_test"):
         if split in encoded:
-            m = evaluate(model, batches(encoded[split], 64), device=device, autocast_dtype=amp)
-            out.update({f"{split}/{k}": v for k, v in m.items()})
+            pred = predict(model, batches(encoded[split], 64), device=device, autocast_dtype=amp)
+            out.update({f"{split}/{k}": v for k, v in metrics_from_predictions(pred).items()})
+            out[f"{split}/pairs"] = pair_ious(pred)  # per-pair IoU: paired bootstrap over pairs and seeds
     print(f"  {tag} -> target_test acc@0.5 {out['target_test/pg/acc@0.5']:.3f} "
           f"mIoU {out['target_test/pg/mIoU']:.3f} area ratio {out['target_test/pg/area_ratio']:.2f} "
           f"in {train_s / 60:.1f} min", flush=True)
@@ -370,6 +408,8 @@ def merge(args) -> dict:
     """One result from files whose runs differ only in rows or benchmarks (parallel processes)."""
     parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
     ignore = ("rows", "benchmarks", "name", "merge", "jobs", "threads", "seeds", "seed_list", "results_dir")
+    if parts[0]["args"].get("protocol_sha256"):  # one protocol (compared below): its benchmarks' data seeds differ
+        ignore += ("data_seed", "split_salt")
     # a setting a file lacks (it predates the flag) had the flag's default
     defaults = vars(parse_args([]))
     same = {k: parts[0]["args"].get(k, v) for k, v in defaults.items() if k not in ignore}

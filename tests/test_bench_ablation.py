@@ -2,10 +2,12 @@
 engine (a smoke run of bench/pgda_ablation.py on a few rendered images)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from date_core.adapt.round import RoundEngine
@@ -26,8 +28,17 @@ def test_quick_ablation_runs_every_row_with_the_control(tmp_path, monkeypatch):
         return real_step(engine, batch, target_batch, micro_step)
 
     monkeypatch.setattr(RoundEngine, "step", counting_step)
-    out = pgda_ablation.main(["--quick", "--threads", "1", "--name", "quick", "--results-dir", str(tmp_path)])
+    out = pgda_ablation.main(["--quick", "--threads", "1", "--name", "quick", "--results-dir", str(tmp_path),
+                              "--protocol", "dev"])
     rows = out["benchmarks"]["productworld"]["rows"]
+    # the frozen protocol's dev data, recorded by the file's hash
+    assert out["args"]["protocol"] == "dev" and out["args"]["data_seed"] == 0
+    assert out["args"]["protocol_sha256"] == hashlib.sha256((BENCH / "protocol.yaml").read_bytes()).hexdigest()
+    # per-pair IoU of every test pair with a box, which acc@0.5 thresholds (paired bootstrap input)
+    for run in out["runs"]:
+        pairs = run["target_test/pairs"]
+        assert len(pairs["iou"]) == len(pairs["pair_key"]) == run["target_test/pg/n_boxes"]
+        assert np.mean(np.asarray(pairs["iou"]) >= 0.5) == pytest.approx(run["target_test/pg/acc@0.5"], abs=1e-6)
     assert list(rows) == list(pgda_ablation.ROWS)          # the control row target_pairs included
     assert all(len(v["acc@0.5"]) == 1 for v in rows.values())
     # every row x 6 steps, all through the round engine; every row but source_only carries target pairs
@@ -117,3 +128,36 @@ def test_set_goes_through_the_stages_checked_parser(tmp_path, monkeypatch, capsy
             pgda_ablation.main(base + ["--set", bad])
         assert words in str(exc.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_report_protocol_takes_its_own_data_and_enough_seeds(tmp_path, monkeypatch):  # parses only
+    """``--protocol report`` refuses fewer seeds than the protocol's minimum and a data seed of
+    the user's own; its Freiburg split (a salted hash of the image id) is not the dev split."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pgda_ablation", None)
+    import pgda_ablation
+    from freiburg_live import _bucket
+
+    base = ["--threads", "1", "--results-dir", str(tmp_path), "--protocol", "report"]
+    for extra, words in ((["--seeds", "3"], ">= 8 seeds"), (["--seeds", "8", "--data-seed", "3"], "give one")):
+        with pytest.raises(SystemExit):
+            pgda_ablation.parse_args(base + extra)
+        assert words in capsys_text(pgda_ablation, base + extra)
+    args = pgda_ablation.parse_args(base + ["--seeds", "8"])
+    spec, _ = pgda_ablation.load_protocol("report")
+    assert args.data_seed == spec["productworld"]["data_seed"] != 0 and args.split_salt == spec["freiburg"]["split_salt"]
+    ids = [f"img{i}" for i in range(400)]
+    dev = {i for i in ids if _bucket(i) >= 0.8}
+    report = {i for i in ids if _bucket(i, args.split_salt) >= 0.8}
+    assert 0.1 < len(report) / len(ids) < 0.3 and len(dev & report) < 0.5 * len(report)
+
+
+def capsys_text(module, argv) -> str:
+    """argparse's error line for ``argv`` (it prints to stderr, then exits)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        module.parse_args(argv)
+    return err.getvalue()

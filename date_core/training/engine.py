@@ -250,6 +250,19 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: str | torch.devi
     return {k: torch.cat(v) for k, v in cols.items()}
 
 
+def pair_ious(pred: Mapping[str, Tensor]) -> dict[str, list]:
+    """Per pair with a box, from :func:`predict`'s output: ``pair_key`` and the IoU of the
+    predicted box with its best-matching answer (the one ``pg/acc@t`` thresholds), for paired
+    bootstrap intervals over pairs and seeds."""
+    from date_core.boxes import best_match_iou
+
+    has = pred.get(B.HAS_BOX, torch.ones(pred["pred_boxes"].shape[0])).bool()
+    alt = pred[B.ALT_BOXES][has] if B.ALT_BOXES in pred else None
+    mask = pred[B.ALT_MASK][has].bool() if B.ALT_MASK in pred else None
+    iou, _ = best_match_iou(pred["pred_boxes"][has].float(), pred[B.BOXES][has].float(), alt, mask)
+    return {"pair_key": pred[B.PAIR_KEY][has].tolist(), "iou": [round(float(v), 5) for v in iou]}
+
+
 def metrics_from_predictions(pred: Mapping[str, Tensor], chunk: int = 8192) -> dict[str, float]:
     """All PR and PG metrics from :func:`predict`'s output.
 
