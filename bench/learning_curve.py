@@ -44,7 +44,7 @@ WORK = ROOT / "bench" / "_work"
 VARIANTS = {
     "lite": ("lite", {}, {}),
     # lite with the last two stride-16 MBConv blocks and the last two MiniLM layers trained (at
-    # train.encoder_lr_mult of the learning rate): 0.78x the step rate of the frozen lite (bf16)
+    # train.encoder_lr_mult of the learning rate); its step rate against the frozen lite: docs/experiments.md
     "lite-ft": ("lite", {"vision_frozen_blocks": 9, "text_frozen_layers": 4}, {}),
     "tiny": ("tiny", {}, {}),
     "no-focus": ("tiny", {}, {"box_focus": 0.0}),
