@@ -40,11 +40,11 @@ def round_config(cfg: Mapping[str, Any], r: int):
     return typed(out)
 
 
-def round_aligns(cfg: Mapping[str, Any]) -> bool:
-    """Whether a round's config trains any alignment term (non-zero weight)."""
+def alignment_terms(cfg: Mapping[str, Any]) -> list[str]:
+    """The alignment loss terms a (round's) config trains: those with a non-zero weight."""
     from date_core.training.losses import active_alignment_terms
 
-    return bool(active_alignment_terms(cfg["loss"]))
+    return active_alignment_terms(cfg["loss"])
 
 
 @dataclass
@@ -163,7 +163,7 @@ def train_round(rc: Mapping[str, Any], vocab: int, source: "pa.Table", target: "
     model = build_model(rc["model"]["preset"], vocab_size=vocab, **dict(rc["model"]["overrides"]))
     if init is not None:
         model.load_state_dict(init.state_dict())
-    engine = RoundEngine.build(rc, model, total, target=target is not None, align=round_aligns(rc), device=device,
+    engine = RoundEngine.build(rc, model, total, target=target is not None, align=bool(alignment_terms(rc)), device=device,
                                autocast_dtype=amp, gather=False)
     size, max_len, augment = model.config.image_size, model.config.max_text_len, bool(tcfg["augment"])
     seed, bs = plan.seed, plan.batch_size
@@ -194,4 +194,4 @@ class _NoTracker:
         pass
 
 
-__all__ = ["RoundEngine", "round_config", "round_aligns", "train_round"]
+__all__ = ["RoundEngine", "alignment_terms", "round_config", "train_round"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from ..config import config_section
 from .pseudo import (build_pseudo_labels, concat_predictions, kept_fraction, predict_views, retrieval_hits,
                      score_and_select)
 from .views import View
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass
@@ -48,7 +51,7 @@ class LabelRound:
     labels: dict[str, np.ndarray]
     fraction: float
 
-    def table(self):
+    def table(self) -> "pa.Table":
         """The round as a :func:`~date_core.adapt.pseudo.pseudo_table` (one row per pair, Parquet-ready)."""
         from .pseudo import pseudo_table
 

@@ -32,7 +32,7 @@ from date_core.runtime import session, tracking
 from date_core.runtime.dataset import ensure_dataset
 from date_core.runtime.labeling import atomic_write, commit_pseudo, label_target, read_pseudo, target_with_pseudo
 from date_core.runtime.supervised import run_stage
-from date_core.adapt.round import round_aligns, round_config
+from date_core.adapt.round import alignment_terms, round_config
 
 STATE_FILE = "pgda_state.json"
 #: ``on_round(round_index, record, model_dir, run_id) -> metrics``: called after each round's
@@ -51,13 +51,6 @@ def load_state(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     if storage.exists(uri):
         return json.loads(storage.read_bytes(uri))
     return {"rounds": []}
-
-
-def alignment_terms(cfg: Mapping[str, Any]) -> list[str]:
-    """The alignment loss terms that actually run (non-zero weight)."""
-    from date_core.training.losses import active_alignment_terms
-
-    return active_alignment_terms(cfg["loss"])
 
 
 def describe_round(cfg: Mapping[str, Any], r: int) -> str:
@@ -115,7 +108,7 @@ def _run_rounds(cfg, name, state, experiment_id, parent_id, uri, tok, base, work
         stage = run_stage(
             round_cfg, f"{name}-round{r}", stage="pgda-round", experiment_id=experiment_id,
             parent_run_id=parent_id, target=functools.partial(target_with_pseudo, cfg, labels),
-            align=round_aligns(round_cfg),
+            align=bool(alignment_terms(round_cfg)),
             init_from=prev["model"] if prev else None, register=False,  # round 1: model.init_from, if set
             out_dir=work / f"round-{r}",
         )
